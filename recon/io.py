@@ -296,7 +296,7 @@ class ListmodeCorrections:
         "mu_map_affine",
     )
 
-    def validate(self, num_detectors, where="ListmodeCorrections"):
+    def validate(self, num_detectors, where="ListmodeCorrections", prefix=""):
         """Check shapes and values against a scanner with ``num_detectors`` detectors.
 
         Raises
@@ -305,7 +305,7 @@ class ListmodeCorrections:
             Naming ``where`` and the offending field.
         """
         def bad(name, msg):
-            return ValueError(f"{where}: field '{name}' {msg}")
+            return ValueError(f"{where}: field '{prefix}{name}' {msg}")
 
         if not (np.isfinite(self.calibration_factor) and self.calibration_factor > 0):
             raise bad("calibration_factor", f"must be positive and finite; got {self.calibration_factor}")
@@ -357,7 +357,7 @@ class ListmodeCorrections:
                 kw[name] = _read_array(path, _dataset(f, path, f"corrections/{name}", kinds.get(name, "fiu")))
         kw["calibration_factor"] = _attr(f, path, "corrections", "calibration_factor", float, 1.0, required=False)
         out = cls(**kw)
-        out.validate(num_detectors, where=f"{path}: corrections")
+        out.validate(num_detectors, where=path, prefix="corrections/")
         return out
 
     def equals(self, other):
