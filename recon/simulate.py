@@ -154,7 +154,7 @@ def _seed_sequence(seed):
     return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
 
 
-def draw_poisson_sparse(rng, mean):
+def draw_poisson_sparse(rng, mean, num_draws=None):
     """Poisson counts of every bin of ``mean``, returned sparse.
 
     Parameters
@@ -168,6 +168,8 @@ def draw_poisson_sparse(rng, mean):
     index : ndarray of int64
         Flat indices (increasing) of bins with at least one count.
     counts : ndarray of int64
+        (With ``num_draws``, a list of ``num_draws`` independent
+        ``(index, counts)`` pairs sharing one cumulative sum.)
 
     Notes
     -----
@@ -177,20 +179,26 @@ def draw_poisson_sparse(rng, mean):
     which has exactly the distribution of independent Poisson bins and costs
     ``O(bins + N log bins)`` instead of one Poisson draw per bin.
     """
-    flat = np.asarray(mean, dtype=np.float64).ravel()
-    total = float(flat.sum())
-    if not total > 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if total < 0.5 * flat.size:
-        cdf = np.cumsum(flat)
-        n = int(rng.poisson(total))
-        u = rng.random(n) * cdf[-1]
-        idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
-        uniq, cnt = np.unique(idx, return_counts=True)
-        return uniq.astype(np.int64), cnt.astype(np.int64)
-    c = rng.poisson(flat)
-    nz = np.flatnonzero(c)
-    return nz.astype(np.int64), c[nz].astype(np.int64)
+    flat = np.asarray(mean).ravel()
+    draws = []
+    total = float(flat.sum(dtype=np.float64))
+    cdf = None
+    for _ in range(1 if num_draws is None else int(num_draws)):
+        if not total > 0:
+            draws.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        elif total < 0.5 * flat.size:
+            if cdf is None:
+                cdf = np.cumsum(flat, dtype=np.float64)
+            n = int(rng.poisson(total))
+            u = rng.random(n) * cdf[-1]
+            idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
+            uniq, cnt = np.unique(idx, return_counts=True)
+            draws.append((uniq.astype(np.int64), cnt.astype(np.int64)))
+        else:
+            c = rng.poisson(flat)
+            nz = np.flatnonzero(c)
+            draws.append((nz.astype(np.int64), c[nz].astype(np.int64)))
+    return draws[0] if num_draws is None else draws
 
 
 def random_crystal_efficiencies(scanner, rng=None, spread=0.05):
@@ -516,9 +524,14 @@ class ListmodeSimulator:
         self._frame_d1 = d1
         return trues, scatter, randoms, i2
 
-    def _scatter_kernel_fft(self):
-        """FFT of the scatter blur over (view, radial); views periodic, radial zero-padded."""
-        if getattr(self, "_scatter_fft", None) is None:
+    def _scatter_setup(self):
+        """Decimation factors and the FFT of the scatter blur on the decimated (view, radial) grid.
+
+        The blur is wide (tens of bins), so it is computed on a grid coarser by
+        ``f`` in views and radial bins (block sums, keeping at least 4 coarse
+        samples per standard deviation) and interpolated back linearly.
+        """
+        if getattr(self, "_scatter_cfg", None) is None:
             layout = self.layout
             # Radial bin width from the LOR distances to the axis in view 0.
             start, end = _plane_lors(layout, np.array([0]))
@@ -530,62 +543,85 @@ class ListmodeSimulator:
             sig_v = max(sigma_mm / (100.0 * math.pi / layout.num_views), 1e-3)
             sig_r = max(sigma_mm / bin_mm, 1e-3)
             nv, nr = layout.num_views, layout.num_radial
-            half = min(int(math.ceil(3 * sig_r)), 4 * nr)
-            nr_pad = nr + 2 * half
-            jv = np.arange(nv)
-            dv = np.minimum(jv, nv - jv)
-            kv = np.exp(-0.5 * (dv / sig_v) ** 2)
-            jr = np.arange(nr_pad)
-            dr = np.minimum(jr, nr_pad - jr)
-            kr = np.where(dr <= half, np.exp(-0.5 * (dr / sig_r) ** 2), 0.0)
+            # Decimation: a divisor of num_views (keeps the view axis periodic).
+            fv = max([f for f in range(1, nv + 1) if nv % f == 0 and f <= max(1.0, sig_v / 4)])
+            fr = max(1, int(sig_r // 4))
+            cv, cr = nv // fv, -(-nr // fr)
+            sv, sr = sig_v / fv, sig_r / fr
+            half = min(int(math.ceil(3 * sr)), 4 * cr)
+            cr_pad = cr + 2 * half
+            jv = np.arange(cv)
+            dv = np.minimum(jv, cv - jv)
+            kv = np.exp(-0.5 * (dv / sv) ** 2)
+            jr = np.arange(cr_pad)
+            dr = np.minimum(jr, cr_pad - jr)
+            kr = np.where(dr <= half, np.exp(-0.5 * (dr / sr) ** 2), 0.0)
             kernel = kv[:, None] * kr[None, :]
-            self._scatter_fft = (np.fft.rfft2(kernel / kernel.sum()), nr_pad)
-        return self._scatter_fft
+            # Linear interpolation from coarse-sample centres back to fine bins.
+            pos_v = (np.arange(nv) + 0.5) / fv - 0.5
+            v0 = np.floor(pos_v).astype(int)
+            wv = pos_v - v0
+            pos_r = np.clip((np.arange(nr) + 0.5) / fr - 0.5, 0, cr - 1)
+            r0 = np.minimum(np.floor(pos_r).astype(int), max(cr - 2, 0))
+            wr = pos_r - r0
+            self._scatter_cfg = dict(
+                fv=fv, fr=fr, cv=cv, cr=cr, cr_pad=cr_pad, kfft=np.fft.rfft2(kernel / kernel.sum()),
+                v0=v0 % cv, v1=(v0 + 1) % cv, wv=wv, r0=r0, r1=np.minimum(r0 + 1, cr - 1), wr=wr,
+            )
+        return self._scatter_cfg
 
     def _scatter_shape(self, emission):
-        """Smooth per-plane shape of the scatter sinogram (Gaussian blur over views and radial bins).
+        """Smooth scatter shape: Gaussian blur over (view, radial) of each plane.
 
-        FFT convolution: periodic in the view angle, zero outside the radial range.
+        Periodic in the view angle, zero outside the radial range; computed on
+        a decimated grid (see :meth:`_scatter_setup`).
         """
-        kfft, nr_pad = self._scatter_kernel_fft()
-        nr = emission.shape[-1]
-        f = np.fft.rfft2(emission.astype(np.float64), s=(emission.shape[1], nr_pad), axes=(1, 2))
-        smooth = np.fft.irfft2(f * kfft[None], s=(emission.shape[1], nr_pad), axes=(1, 2))[..., :nr]
-        return np.maximum(smooth, 0.0)
+        c = self._scatter_setup()
+        p, nv, nr = emission.shape
+        e = np.zeros((p, c["cv"] * c["fv"], c["cr"] * c["fr"]))
+        e[:, :nv, :nr] = emission
+        small = e.reshape(p, c["cv"], c["fv"], c["cr"], c["fr"]).sum(axis=(2, 4))
+        f = np.fft.rfft2(small, s=(c["cv"], c["cr_pad"]), axes=(1, 2))
+        sm = np.fft.irfft2(f * c["kfft"][None], s=(c["cv"], c["cr_pad"]), axes=(1, 2))[..., : c["cr"]]
+        wv = c["wv"][None, :, None]
+        sm = (1 - wv) * sm[:, c["v0"], :] + wv * sm[:, c["v1"], :]
+        wr = c["wr"][None, None, :]
+        sm = (1 - wr) * sm[:, :, c["r0"]] + wr * sm[:, :, c["r1"]]
+        return np.maximum(sm, 0.0)
 
     def expected_chunk(self, act, k, ci, frame_totals):
-        """Expected trues, scatter and randoms of chunk ``ci`` in frame ``k`` (float64 arrays).
+        """Expected trues, scatter and randoms of chunk ``ci`` in frame ``k`` (float32 arrays).
 
         Shapes are ``(planes, views, radial[, tof])``; randoms are spread
-        evenly over TOF bins.
+        evenly over TOF bins.  Per-plane totals are summed in float64.
         """
         planes = self.chunks[ci]
-        kappa_d = self.kappa * self._frame_d1[k]
-        proj = self._projection(act, k, ci).astype(np.float64)
-        n = self.normalisation[planes].astype(np.float64)
-        a = self.attenuation[planes].astype(np.float64)
+        kappa_d = np.float32(self.kappa * self._frame_d1[k])
+        proj = self._projection(act, k, ci)
+        n = self.normalisation[planes]
+        a = self.attenuation[planes]
         tof_axis = self.tof is not None
         lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
-        emission = kappa_d * lor(a) * proj
+        emission = lor(kappa_d * a) * proj
         trues = lor(n) * emission
         trues_nontof = trues.sum(axis=-1) if tof_axis else trues
         em_nontof = emission.sum(axis=-1) if tof_axis else emission
-        shape = n * self._scatter_shape(em_nontof)
+        shape = n * self._scatter_shape(em_nontof).astype(np.float32)
         sf = self.scatter_fraction / (1 - self.scatter_fraction)
-        plane_trues = trues_nontof.sum(axis=(1, 2))
-        plane_shape = shape.sum(axis=(1, 2))
+        plane_trues = trues_nontof.sum(axis=(1, 2), dtype=np.float64)
+        plane_shape = shape.sum(axis=(1, 2), dtype=np.float64)
         scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
-        scatter = shape * scale[:, None, None]
+        scatter = shape * scale.astype(np.float32)[:, None, None]
         if tof_axis:
             # Scatter TOF profile: the trues' profile blurred over two bins, uniform where there are no trues.
             prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
             tot = prof.sum(axis=-1, keepdims=True)
-            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), 1.0 / self.tof.num_bins)
+            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
             scatter = scatter[..., None] * prof
         window_s = self.coincidence_window_ns * 1e-9
-        randoms = window_s * self.singles_scale**2 * frame_totals[3][k] * n
+        randoms = np.float32(window_s * self.singles_scale**2 * frame_totals[3][k]) * n
         if tof_axis:
-            randoms = np.repeat(randoms[..., None] / self.tof.num_bins, self.tof.num_bins, axis=-1)
+            randoms = np.repeat(randoms[..., None] / np.float32(self.tof.num_bins), self.tof.num_bins, axis=-1)
         return trues, scatter, randoms
 
     # -- public entry points --------------------------------------------------------------------
@@ -633,7 +669,8 @@ class ListmodeSimulator:
             for ci, planes in enumerate(self.chunks):
                 t, s, r = self.expected_chunk(act, k, ci, totals)
                 out["trues"][k, planes], out["scatter"][k, planes], out["randoms"][k, planes] = t, s, r
-                ct, cs, cr, cd = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s, r, r))
+                ct, cs = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s))
+                cr, cd = (_dense(d, r.shape) for d in draw_poisson_sparse(rng, r, num_draws=2))
                 out["trues_counts"][k, planes], out["scatter_counts"][k, planes], out["randoms_counts"][k, planes] = ct, cs, cr
                 out["prompts"][k, planes] = ct + cs + cr
                 out["delayeds"][k, planes] = cd
@@ -688,7 +725,8 @@ class ListmodeSimulator:
             sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
             for ci, planes in enumerate(self.chunks):
                 t, s, r = self.expected_chunk(act, k, ci, totals)
-                ct, cs, cr, cd = (draw_poisson_sparse(rng, m) for m in (t, s, r, r))
+                ct, cs = draw_poisson_sparse(rng, t), draw_poisson_sparse(rng, s)
+                cr, cd = draw_poisson_sparse(rng, r, num_draws=2)
                 stats.trues += int(ct[1].sum())
                 stats.scatter += int(cs[1].sum())
                 stats.randoms += int(cr[1].sum())
