@@ -591,8 +591,6 @@ class ListmodeWriter:
             _write_scanner(f.create_group("scanner"), scanner)
             _write_tof(f, tof)
             exam._write(f.create_group("exam"))
-            if corrections is not None:
-                corrections._write(f.create_group("corrections"))
             g = f.create_group("listmode")
             rows = min(chunk_events, 1 << 16)
             opts = dict(compression=compression, shuffle=compression is not None)
@@ -637,6 +635,18 @@ class ListmodeWriter:
         if self._buffered >= self.chunk_events:
             self._flush()
 
+    def set_corrections(self, corrections):
+        """Replace the correction inputs (written when the file is closed).
+
+        Useful when they become known only while streaming, e.g. PETSIRD
+        singles blocks interleaved with the events.
+        """
+        if corrections is not None:
+            if not isinstance(corrections, ListmodeCorrections):
+                raise TypeError(f"corrections must be ListmodeCorrections or None; got {type(corrections).__name__}")
+            corrections.validate(self.scanner.num_detectors, where=f"{self.path} (writing)")
+        self.corrections = corrections
+
     def _flush(self):
         if not self._buffer:
             return
@@ -661,6 +671,8 @@ class ListmodeWriter:
         try:
             self._flush()
             self._file["listmode"].attrs["num_events"] = self.num_events
+            if self.corrections is not None:
+                self.corrections._write(self._file.create_group("corrections"))
             self._file.close()
             self._atomic.commit()
         except BaseException:
