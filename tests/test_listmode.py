@@ -222,3 +222,25 @@ def test_frame_singles_and_dead_time():
     per_det = 1 / (1 - rate * tau)
     pairs = np.einsum("fi,fj->fij", per_det, per_det).mean(axis=(1, 2))
     np.testing.assert_allclose(fac, pairs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tof_bins", [None, 5])
+def test_histogram_gpu_matches_cpu(tmp_path, tof_bins):
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(4)
+    sc = scanners()[1]
+    layout = SinogramLayout(sc, 9, 3, 3)
+    ids, k, t, p = _events(layout, 3000, rng, tof_bins)
+    tof = TOFParameters(tof_bins, 10.0, 200.0) if tof_bins else None
+    path = tmp_path / "lm.h5"
+    with ListmodeWriter(path, sc, tof=tof) as w:
+        w.append(ids, k, t, p)
+    frames = parse_frames("3x10s")
+    cpu = histogram_listmode(ListmodeReader(path, chunk_events=500), layout, frames, device="cpu", progress=False)
+    gpu = histogram_listmode(ListmodeReader(path, chunk_events=500), layout, frames, device="gpu", progress=False)
+    np.testing.assert_array_equal(gpu.prompts, cpu.prompts)
+    np.testing.assert_array_equal(gpu.delayeds, cpu.delayeds)
+    np.testing.assert_array_equal(gpu.num_outside_layout, cpu.num_outside_layout)
+    b_gpu = layout.bin_indices(cupy.asarray(ids))
+    np.testing.assert_array_equal(cupy.asnumpy(b_gpu), layout.bin_indices(ids))
