@@ -24,6 +24,7 @@ value ranges, and every error names the file and the field.
 from __future__ import annotations
 
 import bisect
+import datetime as _dt
 import logging
 import math
 import os
@@ -225,6 +226,26 @@ class ExamInfo:
         self.energy_window_kev = ew
         if not (math.isnan(self.half_life_s) or self.half_life_s > 0):
             raise ValueError(f"ExamInfo.half_life_s must be positive; got {self.half_life_s}")
+        self.injection_time = str(self.injection_time)
+        if self.injection_time:
+            try:
+                _dt.datetime.fromisoformat(self.injection_time)
+            except ValueError:
+                raise ValueError(
+                    f"ExamInfo.injection_time must be ISO 8601 like '2026-01-01T10:00:00'; got {self.injection_time!r}"
+                ) from None
+
+    def __eq__(self, other):
+        # NaN marks "unknown" and equals NaN here, so round trips compare equal
+        if not isinstance(other, ExamInfo):
+            return NotImplemented
+        for fl in fields(self):
+            a, b = getattr(self, fl.name), getattr(other, fl.name)
+            if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+                continue
+            if a != b:
+                return False
+        return True
 
     @property
     def decay_constant_per_s(self):

@@ -178,10 +178,15 @@ class Frames:
         """
         xp = np if type(time_ms).__module__.split(".")[0] != "cupy" else get_cupy()
         t = xp.asarray(time_ms)
+        # frame edges go to the device once, not once per chunk
+        cache = self.__dict__.setdefault("_edges_cache", {})
+        if xp.__name__ not in cache:
+            cache[xp.__name__] = (xp.asarray(self.start_ms), xp.asarray(self.end_ms))
+        start_ms, end_ms = cache[xp.__name__]
         # edges sorted because frames do not overlap; side="right" makes [start, end)
-        idx = xp.searchsorted(xp.asarray(self.start_ms), t, side="right") - 1
+        idx = xp.searchsorted(start_ms, t, side="right") - 1
         safe = xp.clip(idx, 0, len(self) - 1)
-        inside = (idx >= 0) & (t < xp.asarray(self.end_ms)[safe])
+        inside = (idx >= 0) & (t < end_ms[safe])
         return xp.where(inside, idx, -1)
 
 
