@@ -421,19 +421,22 @@ class PetsirdReader:
     def __repr__(self):
         return f"PetsirdReader({self.path!r}, scanner={self.scanner.name!r}, tof={self.tof is not None})"
 
-    def _events(self, events, where):
-        if not events:
-            return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-        bins = np.array([e.detection_bins for e in events], dtype=np.int64)
+    def _events(self, bins_list, tof_list):
+        """Detection-bin pairs and TOF indices (Python lists) -> petbind ids and TOF bins."""
+        bins = np.array(bins_list, dtype=np.int64)
         if bins.ndim != 2 or bins.shape[1] != 2:
-            raise ValueError(f"{self.path}: field '{where}.detection_bins' must hold 2 bins per event")
+            raise ValueError(f"{self.path}: field 'prompt_events/delayed_events.detection_bins' must hold 2 bins per event")
         if bins.min() < 0 or bins.max() >= self._bin_to_det.size:
             raise ValueError(
-                f"{self.path}: field '{where}.detection_bins' out of range [{bins.min()}, {bins.max()}]; "
-                f"expected < {self._bin_to_det.size}"
+                f"{self.path}: field 'prompt_events/delayed_events.detection_bins' out of range "
+                f"[{bins.min()}, {bins.max()}]; expected < {self._bin_to_det.size}"
             )
-        tof = np.fromiter((e.tof_idx for e in events), np.int64, len(events))
-        return self._bin_to_det[bins], tof
+        k = np.array(tof_list, dtype=np.int64)
+        if self.tof is None:
+            if k.max() > 0:
+                raise ValueError(f"{self.path}: field 'tof_idx' is {k.max()} but the file has a single TOF bin")
+            k = None
+        return self._bin_to_det[bins], k
 
     def chunks(self, start_ms=None, stop_ms=None) -> Iterator[ListmodeChunk]:
         """Iterate over events with ``start_ms <= time_ms < stop_ms`` (time = block start, ms).
@@ -445,7 +448,7 @@ class PetsirdReader:
         petsird = _petsird()
         reader = self._open()
         singles, alive = [], []
-        buf = []
+        bins_l, tof_l, runs = [], [], []  # runs: (time_ms, is_prompt, count) per block and kind
         buffered = 0
         first = 0
         last_time = -np.inf
@@ -453,16 +456,17 @@ class PetsirdReader:
         warned = set()
 
         def emit():
-            nonlocal buf, buffered, first, last_time
-            ids = np.concatenate([b[0] for b in buf])
-            k = np.concatenate([b[1] for b in buf]) if self.tof is not None else None
-            t = np.concatenate([b[2] for b in buf])
-            p = np.concatenate([b[3] for b in buf])
+            nonlocal bins_l, tof_l, runs, buffered, first, last_time
+            ids, k = self._events(bins_l, tof_l)
+            run = np.array(runs, dtype=np.float64).reshape(-1, 3)
+            counts = run[:, 2].astype(np.int64)
+            t = np.repeat(run[:, 0], counts)
+            p = np.repeat(run[:, 1].astype(bool), counts)
             ids, k, t, p = validate_events(f"{self.path} (events {first}..{first + t.size})", self.scanner, self.tof, ids, k, t, p, last_time)
             chunk = ListmodeChunk(ids, k, t, p, first)
             first += t.size
             last_time = float(t[-1])
-            buf, buffered = [], 0
+            bins_l, tof_l, runs, buffered = [], [], [], 0
             return chunk
 
         try:
@@ -481,16 +485,11 @@ class PetsirdReader:
                             continue
                         if (start_ms is not None and t_ms < start_ms) or (stop_ms is not None and t_ms >= stop_ms):
                             continue
-                        ids_p, k_p = self._events(prompts, "prompt_events")
-                        ids_d, k_d = self._events(delayeds, "delayed_events")
-                        ids = np.concatenate([ids_p, ids_d])
-                        k = np.concatenate([k_p, k_d])
-                        if self.tof is None:
-                            if k.size and k.max() > 0:
-                                raise ValueError(f"{self.path}: field 'tof_idx' is {k.max()} but the file has a single TOF bin")
-                            k = None
-                        prompt = np.concatenate([np.ones(len(prompts), bool), np.zeros(len(delayeds), bool)])
-                        buf.append((ids, k, np.full(n_block, t_ms), prompt))
+                        for events, is_prompt in ((prompts, 1.0), (delayeds, 0.0)):
+                            if events:
+                                bins_l.extend([e.detection_bins for e in events])
+                                tof_l.extend([e.tof_idx for e in events])
+                                runs.append((t_ms, is_prompt, len(events)))
                         buffered += n_block
                         if buffered >= self.chunk_events:
                             yield emit()
@@ -609,20 +608,32 @@ def write_petsird(path, scanner, chunks, tof=None, exam=None, corrections=None, 
     quantised = False
 
     def make_events(ids, k):
+        # PETSIRD wants detection_bin_1 >= detection_bin_2: swap, and mirror TOF with it
         swap = ids[:, 0] < ids[:, 1]
         a = np.where(swap, ids[:, 1], ids[:, 0]).tolist()
         b = np.where(swap, ids[:, 0], ids[:, 1]).tolist()
         kk = np.where(swap, num_tof - 1 - k, k).tolist() if k is not None else [0] * len(a)
         return [petsird.CoincidenceEvent(detection_bins=[x, y], tof_idx=z) for x, y, z in zip(a, b, kk)]
 
-    def event_block(block, ids, k, prompt):
-        return petsird.TimeBlock.EventTimeBlock(
-            petsird.EventTimeBlock(
-                time_interval=petsird.TimeInterval(start=block * time_block_ms, stop=(block + 1) * time_block_ms),
-                prompt_events=[[make_events(ids[prompt], None if k is None else k[prompt])]],
-                delayed_events=[[make_events(ids[~prompt], None if k is None else k[~prompt])]],
-            )
-        )
+    def event_blocks(ids, k, p, blk):
+        """Time blocks of events sorted by block; object construction vectorised per chunk."""
+        order = np.lexsort((~p, blk))  # per block: prompts first, then delayeds
+        ids, p, blk = ids[order], p[order], blk[order]
+        k = None if k is None else k[order]
+        events = make_events(ids, k)
+        starts = np.flatnonzero(np.diff(blk, prepend=-1))
+        ends = np.append(starts[1:], blk.size)
+        mids = starts + np.add.reduceat(p.astype(np.int64), starts) if blk.size else starts
+        out = []
+        for s0, m, e in zip(starts.tolist(), mids.tolist(), ends.tolist()):
+            start_ms = int(blk[s0]) * time_block_ms
+            out.extend(_due(extra_blocks, start_ms))
+            out.append(petsird.TimeBlock.EventTimeBlock(petsird.EventTimeBlock(
+                time_interval=petsird.TimeInterval(start=start_ms, stop=start_ms + time_block_ms),
+                prompt_events=[[events[s0:m]]],
+                delayed_events=[[events[m:e]]],
+            )))
+        return out
 
     with atomic_output(path) as tmp:
         writer = petsird.BinaryPETSIRDWriter(tmp)
@@ -647,22 +658,16 @@ def write_petsird(path, scanner, chunks, tof=None, exam=None, corrections=None, 
                 if blk.max() * time_block_ms + time_block_ms > np.iinfo(np.uint32).max:
                     raise ValueError(f"{os.fspath(path)}: field 'time_ms' exceeds PETSIRD's uint32 ms range")
                 quantised |= bool(np.any(blk * time_block_ms != t))
-                cut = np.searchsorted(blk, blk[-1])  # keep the last block for the next chunk
-                out = []
-                starts = np.flatnonzero(np.diff(blk[:cut], prepend=-1))
-                ends = np.append(starts[1:], cut)
-                for s, e in zip(starts, ends):
-                    out.extend(_due(extra_blocks, blk[s] * time_block_ms))
-                    out.append(event_block(int(blk[s]), ids[s:e], None if k is None else k[s:e], p[s:e]))
-                    written += e - s
+                cut = int(np.searchsorted(blk, blk[-1]))  # keep the last block for the next chunk
+                out = event_blocks(ids[:cut], None if k is None else k[:cut], p[:cut], blk[:cut])
+                written += cut
                 if out:
                     writer.write_time_blocks(out)
                 pending = (ids[cut:], None if k is None else k[cut:], t[cut:], p[cut:])
             out = []
             if pending is not None and pending[2].size:
-                b = int(np.floor(pending[2][0] / time_block_ms))
-                out.extend(_due(extra_blocks, b * time_block_ms))
-                out.append(event_block(b, pending[0], pending[1], pending[3]))
+                blk = np.floor(pending[2] / time_block_ms).astype(np.int64)
+                out = event_blocks(pending[0], pending[1], pending[3], blk)
                 written += pending[2].size
             out.extend(_due(extra_blocks, np.inf))
             if out:
