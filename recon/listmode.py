@@ -168,6 +168,23 @@ class Frames:
     def __repr__(self):
         return f"Frames(num_frames={len(self)}, first_start_s={self.start_s[0]:g}, last_end_s={self.end_s[-1]:g})"
 
+    def decay_correction(self, exam):
+        """Decay-correction factor of every frame to injection time.
+
+        Parameters
+        ----------
+        exam : ExamInfo
+            Supplies ``half_life_s`` and ``scan_start_s``.
+
+        Returns
+        -------
+        ndarray, shape (num_frames,)
+            See :func:`decay_correction_factor`.
+        """
+        if not exam.half_life_s > 0:
+            raise ValueError(f"exam.half_life_s must be known and positive for decay correction; got {exam.half_life_s}")
+        return decay_correction_factor(self.start_s, self.end_s, exam.half_life_s, exam.scan_start_s)
+
     def frame_of(self, time_ms):
         """Frame index of each event time (ms), ``-1`` outside every frame.
 

@@ -8,7 +8,7 @@ import pytest
 from scipy.integrate import quad
 
 from recon.geometry import Scanner, SinogramLayout, TOFParameters
-from recon.io import ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
+from recon.io import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
 from recon.listmode import (
     Frames,
     dead_time_factors,
@@ -189,6 +189,11 @@ def test_decay_factor_against_numerical_integration():
         assert decay_correction_factor(t0, t1, half, scan_start_s=start) == pytest.approx(expected, rel=1e-10)
     f = parse_frames("3x60s")
     np.testing.assert_allclose(decay_correction_factor(f.start_s, f.end_s, half), [decay_correction_factor(a, b, half) for a, b in f])
+    exam = ExamInfo(half_life_s=half, scan_start_s=30.0)
+    want = [(b - a) / quad(lambda t: math.exp(-lam * t), a + 30, b + 30, epsrel=1e-13)[0] for a, b in f]
+    np.testing.assert_allclose(f.decay_correction(exam), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="half_life_s"):
+        f.decay_correction(ExamInfo())
 
 
 def test_dead_time_models_recover_true_rate():

@@ -197,3 +197,13 @@ def test_times_quantised_to_time_blocks(tmp_path):
     assert write_petsird(path, sc, [C()], time_block_ms=5) == 4
     _, _, tt, _ = all_events(PetsirdReader(path))
     np.testing.assert_array_equal(tt, [0.0, 0.0, 5.0, 10.0])
+
+
+def test_convert_cli_refuses_same_format(tmp_path, capsys):
+    src = tmp_path / "a.h5"
+    make_h5(src, None, n=10)
+    assert convert_main([str(src), str(tmp_path / "b.h5"), "--quiet"]) == 2
+    assert "already h5" in capsys.readouterr().err
+    assert not (tmp_path / "b.h5").exists()
+    assert convert_main([str(src), str(tmp_path / "b.out"), "--to", "petsird", "--quiet"]) == 0
+    assert PetsirdReader(tmp_path / "b.out").scanner == scanner()
