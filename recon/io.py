@@ -29,8 +29,8 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
-from typing import Iterator, Optional
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import h5py
 import numpy as np

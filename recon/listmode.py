@@ -19,7 +19,6 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
