@@ -204,6 +204,10 @@ def scanner_to_petsird(scanner, tof=None, exam=None, corrections=None, crystal_s
             exam.isotope or "(no isotope)", table, exam.half_life_s,
         )
     pet_exam.radiopharmaceuticals = [radio]
+    if exam.description:
+        log.warning("PETSIRD has no free-text exam description: %r is not written", exam.description)
+    if tof is not None and tof.num_sigmas != 3.0:
+        log.warning("PETSIRD has no TOF kernel truncation: num_sigmas=%s is read back as 3", tof.num_sigmas)
     return petsird.Header(scanner=info, exam=pet_exam)
 
 

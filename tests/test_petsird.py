@@ -207,3 +207,61 @@ def test_convert_cli_refuses_same_format(tmp_path, capsys):
     assert not (tmp_path / "b.h5").exists()
     assert convert_main([str(src), str(tmp_path / "b.out"), "--to", "petsird", "--quiet"]) == 0
     assert PetsirdReader(tmp_path / "b.out").scanner == scanner()
+
+
+def _with_singles_blocks(path, header, blocks, singles_blocks):
+    with petsird.BinaryPETSIRDWriter(str(path)) as w:
+        w.write_header(header)
+        w.write_time_blocks(singles_blocks + blocks)
+
+
+def test_foreign_singles_per_detection_bin_and_per_module(tmp_path):
+    from petsird.helpers import make_detection_bin
+
+    header, blocks = foreign_file(tmp_path / "x.petsird", num_energy_bins=3)
+    info = header.scanner
+    rep = info.scanner_geometry.replicated_modules[0]
+    n_mod, n_el, n_en = len(rep.transforms), len(rep.object.detecting_elements.transforms), 3
+    rng = np.random.default_rng(8)
+    # level 'all': one count per (module, element, energy) placed with the package's bin encoding
+    value = rng.integers(0, 50, (n_mod, n_el, n_en))
+    hist = [0] * (n_mod * n_el * n_en)
+    for m in range(n_mod):
+        for e in range(n_el):
+            for en in range(n_en):
+                b = make_detection_bin(info, 0, petsird.ExpandedDetectionBin(module_index=m, element_index=e, energy_index=en))
+                hist[b] = int(value[m, e, en])
+    info.singles_histogram_level = petsird.SinglesHistogramLevelType.ALL
+    info.singles_histogram_energy_bin_edges = [info.event_energy_bin_edges[0]]
+    sblk = petsird.TimeBlock.SinglesHistogramTimeBlock(petsird.SinglesHistogramTimeBlock(
+        time_interval=petsird.TimeInterval(start=0, stop=8), singles_per_detection_bin_histogram=[hist]))
+    path = tmp_path / "all.petsird"
+    _with_singles_blocks(path, header, blocks, [sblk])
+    r = PetsirdReader(path)
+    list(r.chunks())
+    det = r._bin_to_det
+    want = np.zeros(r.scanner.num_detectors)
+    for m in range(n_mod):
+        for e in range(n_el):
+            b = make_detection_bin(info, 0, petsird.ExpandedDetectionBin(module_index=m, element_index=e, energy_index=0))
+            want[det[b]] = value[m, e].sum()
+    np.testing.assert_array_equal(r.corrections.singles_counts[0], want)
+    np.testing.assert_array_equal(r.corrections.singles_block_edges_s, [0.0, 0.008])
+
+    # level 'module': pairs of modules share a singles unit; counts spread evenly over its detectors
+    info.singles_histogram_level = petsird.SinglesHistogramLevelType.MODULE
+    info.module_singles_unit_idx_lu_ts = [[m // 2 for m in range(n_mod)]]
+    units = rng.integers(0, 1000, (n_mod // 2, n_en))
+    sblk = petsird.TimeBlock.SinglesHistogramTimeBlock(petsird.SinglesHistogramTimeBlock(
+        time_interval=petsird.TimeInterval(start=0, stop=8),
+        singles_per_singles_unit_histogram=units.astype(np.uint64).tolist()))
+    path = tmp_path / "module.petsird"
+    _with_singles_blocks(path, header, blocks, [sblk])
+    r = PetsirdReader(path)
+    list(r.chunks())
+    got = r.corrections.singles_counts[0]
+    for u in range(n_mod // 2):
+        members = [det[make_detection_bin(info, 0, petsird.ExpandedDetectionBin(module_index=m, element_index=e, energy_index=0))]
+                   for m in (2 * u, 2 * u + 1) for e in range(n_el)]
+        np.testing.assert_allclose(got[members], units[u].sum() / len(members))
+    assert got.sum() == pytest.approx(units.sum())
