@@ -491,6 +491,87 @@ class SinogramLayout:
             f"max_ring_difference={self.max_ring_difference}, scanner={self.scanner.name!r})"
         )
 
+    def bin_indices(self, detector_ids, return_swapped=False):
+        """Flat sinogram bin of each detector pair (inverse of :meth:`detector_pairs`).
+
+        Parameters
+        ----------
+        detector_ids : array of int, shape (n, 2)
+            Detector ids of both LOR ends (NumPy or CuPy; the result lives on
+            the same device).
+        return_swapped : bool
+            Also return whether each pair is stored in the opposite orientation
+            to the bin's ``(c1, c2)``.
+
+        Returns
+        -------
+        bins : array of int64, shape (n,)
+            ``(plane * num_views + view) * num_radial + radial``, or ``-1`` for
+            pairs outside the layout: radial offset out of range, ring
+            difference above ``max_ring_difference``, a gap crystal, or both
+            ends on the same crystal.
+        swapped : array of bool, shape (n,)
+            Only with ``return_swapped``.  ``True`` where ``detector_ids[:, 0]``
+            is the bin's second crystal: a TOF bin ``k`` of such an event
+            belongs to TOF bin ``num_tof_bins - 1 - k`` of the sinogram.
+
+        Notes
+        -----
+        From the forward map (see the class Notes), ``c2 - c1 = N/2 + s``
+        (mod ``N``), which fixes ``s`` up to the orientation, and
+        ``view = (c1 + floor(s / 2)) mod N``.  Of the two orientations exactly
+        one gives ``view < N / 2``; that one is used.
+
+        Raises
+        ------
+        ValueError
+            For ids outside ``[0, num_detectors)`` or a wrong shape.
+        """
+        from .device import array_module  # noqa: PLC0415 - geometry stays free of device imports at load
+
+        xp = array_module(detector_ids)
+        ids = xp.asarray(detector_ids)
+        if ids.ndim != 2 or ids.shape[1] != 2:
+            raise ValueError(f"detector_ids must have shape (n, 2); got {tuple(ids.shape)}")
+        ids = ids.astype(xp.int64)
+        n_det = self.scanner.num_detectors
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_det):
+            raise ValueError(f"detector_ids must lie in [0, {n_det}); got [{int(ids.min())}, {int(ids.max())}]")
+        lut = self._device_tables(xp)
+        n = self.scanner.crystals_per_ring
+        half = n // 2
+        ring_a, crys_a = ids[:, 0] // n, ids[:, 0] % n
+        ring_b, crys_b = ids[:, 1] // n, ids[:, 1] % n
+        # orientation (c1, c2) = (a, b); s in [-N/2, N/2)
+        s = (crys_b - crys_a - half) % n
+        s = xp.where(s >= half, s - n, s)
+        view = (crys_a + xp.floor_divide(s, 2)) % n
+        swapped = view >= half
+        # the other orientation: s -> -s, view -> view - N/2
+        s = xp.where(swapped, -s, s)
+        view = xp.where(swapped, view - half, view)
+        ring1 = xp.where(swapped, ring_b, ring_a)
+        ring2 = xp.where(swapped, ring_a, ring_b)
+        radial = s + self.num_radial // 2
+        ok = (radial >= 0) & (radial < self.num_radial) & (crys_a != crys_b)
+        ok &= lut["mask"][crys_a] & lut["mask"][crys_b]
+        plane = lut["plane"][ring1, ring2]
+        ok &= plane >= 0
+        bins = (plane * self.num_views + view) * self.num_radial + radial
+        bins = xp.where(ok, bins, -1)
+        return (bins, swapped) if return_swapped else bins
+
+    def _device_tables(self, xp):
+        """Plane look-up ``(ring1, ring2) -> plane`` (-1 outside) and crystal mask, cached per array module."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        key = xp.__name__
+        if key not in cache:
+            nr = self.scanner.num_rings
+            plane = np.full((nr, nr), -1, dtype=np.int64)
+            plane[self.ring_pairs[:, 0], self.ring_pairs[:, 1]] = self.plane_of_ring_pair
+            cache[key] = {"plane": xp.asarray(plane), "mask": xp.asarray(self.scanner.crystal_mask)}
+        return cache[key]
+
 
 @dataclass(frozen=True)
 class TOFParameters:
