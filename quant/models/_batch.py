@@ -1,0 +1,397 @@
+"""Batched (all targets at once) fits written once against ``xp``.
+
+Every function takes the target TACs as an ``xp`` array ``Y`` of shape
+``(n_targets, n_frames)`` (one row per region or voxel) and returns a dict
+with ``params`` (name -> xp array (n_targets,)), ``se`` (same names, NaN when
+not available), ``fitted`` (xp (n_targets, n_frames) or ``None``), ``rss``
+(weighted residual sum of squares) and ``status`` (xp int array).  There is
+no loop over targets: regional fits and parametric maps are the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._core import (
+    STATUS_BOUND_HIT,
+    STATUS_FIT_FAILED,
+    STATUS_NONFINITE_INPUT,
+    STATUS_NONPOSITIVE_DATA,
+    STATUS_OK,
+    conv_matrices,
+    conv_per_target,
+)
+
+# Relative determinant below which a (column-scaled) normal matrix counts as singular.
+_DET_TOL = 1e-12
+
+
+def _prepare(Y, xp):
+    """Zero non-finite rows (so the algebra stays finite) and flag them."""
+    finite = xp.all(xp.isfinite(Y), axis=1)
+    status = xp.where(finite, STATUS_OK, STATUS_NONFINITE_INPUT).astype(xp.int8)
+    Y = xp.where(finite[:, None], Y, 0.0)
+    return Y, finite, status
+
+
+def _finish(xp, params, se, fitted, rss, status, finite):
+    bad = ~finite | (status == STATUS_FIT_FAILED) | (status == STATUS_NONPOSITIVE_DATA)
+    for d in (params, se):
+        for k in d:
+            d[k] = xp.where(bad, xp.nan, d[k])
+    if fitted is not None:
+        fitted = xp.where(bad[:, None], xp.nan, fitted)
+    rss = xp.where(bad, xp.nan, rss)
+    return {"params": params, "se": se, "fitted": fitted, "rss": rss, "status": status}
+
+
+def _nan(xp, n):
+    return xp.full(n, xp.nan)
+
+
+def _parabola_vertex(x0, x1, x2, y0, y1, y2, xp):
+    """Abscissa of the parabola through three points, clamped to [x0, x2]."""
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    ok = xp.abs(den) > 0
+    xv = x1 - 0.5 * num / xp.where(ok, den, 1.0)
+    xv = xp.where(ok, xv, x1)
+    return xp.clip(xv, x0, x2)
+
+
+def _grid_search(rss_grid, theta3, xp):
+    """Index of the minimum RSS per target and a parabolic refinement of
+    ``log theta3`` through the minimum and its two neighbours."""
+    nb = theta3.size
+    j = xp.argmin(rss_grid, axis=1)
+    edge = (j == 0) | (j == nb - 1)
+    jc = xp.clip(j, 1, nb - 2)
+    u = xp.log(xp.asarray(theta3))
+    r = [xp.take_along_axis(rss_grid, (jc + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1)]
+    uv = _parabola_vertex(u[jc - 1], u[jc], u[jc + 1], r[0], r[1], r[2], xp)
+    return j, edge, xp.exp(uv)
+
+
+# ----------------------------------------------------------------- BF-SRTM
+def bfsrtm(frames, ref, w, Y, xp, theta3, refine=True):
+    """Basis-function SRTM (Gunn et al. 1997) for every row of ``Y``.
+
+    Operational equation (Lammertsma & Hume 1996; Gunn et al. 1997):
+    ``C_T = theta1 C_R + theta2 B(theta3)``, ``B = C_R (x) exp(-theta3 t)``,
+    with ``theta1 = R1``, ``theta2 = k2 - R1 k2a``, ``theta3 = k2a = k2/(1+BP)``.
+    For each basis the 2-parameter weighted least squares is solved for all
+    targets at once from the normal equations; the basis with minimum RSS
+    wins.  ``refine`` then fits a parabola to ``RSS(log theta3)`` through the
+    best basis and its neighbours, rebuilds the basis at the vertex for each
+    target and keeps it where it lowers the RSS (removes grid quantisation).
+    """
+    Y, finite, status = _prepare(Y, xp)
+    nt = Y.shape[0]
+    theta3 = np.asarray(theta3, dtype=np.float64)
+    B = np.einsum("bij,j->bi", conv_matrices(frames, theta3), ref)  # (nb, nf)
+    wr = w * ref
+    g11 = float(wr @ ref)
+    g12 = B @ wr
+    g22 = (B * B) @ w
+    det = g11 * g22 - g12**2
+    x_B = xp.asarray(B)
+    x_w = xp.asarray(w)
+    x_ref = xp.asarray(ref)
+    a = Y @ xp.asarray(wr)
+    bb = Y @ (x_B * x_w).T
+    yy = (Y * Y) @ x_w
+    g12x, g22x, detx = xp.asarray(g12), xp.asarray(g22), xp.asarray(det)
+    th1 = (g22x * a[:, None] - g12x * bb) / detx
+    th2 = (g11 * bb - g12x * a[:, None]) / detx
+    rss_grid = yy[:, None] - (th1 * a[:, None] + th2 * bb)
+    j, edge, th3_ref = _grid_search(rss_grid, theta3, xp)
+    take = lambda m: xp.take_along_axis(m, j[:, None], axis=1)[:, 0]  # noqa: E731
+    t1, t2, rss = take(th1), take(th2), take(rss_grid)
+    t3 = xp.asarray(theta3)[j]
+    Bsel = x_B[j]
+    if refine and theta3.size >= 3:
+        Bs = conv_per_target(frames, ref, th3_ref, xp)
+        G12 = Bs @ xp.asarray(wr)
+        G22 = (Bs * Bs) @ x_w
+        bs = xp.sum(Bs * Y * x_w, axis=1)
+        D = g11 * G22 - G12**2
+        okD = D > _DET_TOL * g11 * G22
+        D = xp.where(okD, D, 1.0)
+        s1 = (G22 * a - G12 * bs) / D
+        s2 = (g11 * bs - G12 * a) / D
+        # Direct residuals: the normal-equation form cancels near a perfect fit.
+        fit_s = s1[:, None] * x_ref + s2[:, None] * Bs
+        rss_s = ((Y - fit_s) ** 2) @ x_w
+        fit_g = t1[:, None] * x_ref + t2[:, None] * Bsel
+        rss_g = ((Y - fit_g) ** 2) @ x_w
+        use = okD & ~edge & (rss_s <= rss_g)
+        t1 = xp.where(use, s1, t1)
+        t2 = xp.where(use, s2, t2)
+        t3 = xp.where(use, th3_ref, t3)
+        Bsel = xp.where(use[:, None], Bs, Bsel)
+        rss = xp.where(use, rss_s, rss_g)
+    fitted = t1[:, None] * x_ref + t2[:, None] * Bsel
+    if not (refine and theta3.size >= 3):
+        rss = ((Y - fitted) ** 2) @ x_w
+    k2 = t2 + t1 * t3
+    bp = k2 / t3 - 1.0
+    status = xp.where(finite & edge, STATUS_BOUND_HIT, status).astype(xp.int8)
+    params = {
+        "bp_nd": bp,
+        "r1": t1,
+        "k2_per_min": k2,
+        "k2prime_per_min": k2 / t1,
+        "k2a_per_min": t3,
+    }
+    se = {k: _nan(xp, nt) for k in params}
+    return _finish(xp, params, se, fitted, rss, status, finite)
+
+
+# ------------------------------------------------------------------- SRTM2
+def srtm2(frames, ref, w, Y, xp, theta3, k2prime, refine=True):
+    """Basis-function SRTM2 (Wu & Carson 2002) with ``k2'`` fixed.
+
+    With ``k2 = R1 k2'`` the SRTM operational equation becomes
+    ``C_T = R1 [C_R + (k2' - k2a) C_R (x) exp(-k2a t)]``: one linear
+    parameter (R1) per basis ``k2a = theta3``; the basis with minimum RSS wins,
+    refined as in :func:`bfsrtm`.  ``BP_ND = k2' R1 / k2a - 1``.
+    """
+    Y, finite, status = _prepare(Y, xp)
+    nt = Y.shape[0]
+    theta3 = np.asarray(theta3, dtype=np.float64)
+    B = np.einsum("bij,j->bi", conv_matrices(frames, theta3), ref)
+    X = ref[None, :] + (k2prime - theta3)[:, None] * B
+    xx = (X * X) @ w
+    x_X = xp.asarray(X)
+    x_w = xp.asarray(w)
+    x_ref = xp.asarray(ref)
+    xy = Y @ (x_X * x_w).T
+    yy = (Y * Y) @ x_w
+    r1g = xy / xp.asarray(xx)
+    rss_grid = yy[:, None] - r1g * xy
+    j, edge, th3_ref = _grid_search(rss_grid, theta3, xp)
+    r1 = xp.take_along_axis(r1g, j[:, None], axis=1)[:, 0]
+    t3 = xp.asarray(theta3)[j]
+    Xsel = x_X[j]
+    fit_g = r1[:, None] * Xsel
+    rss = ((Y - fit_g) ** 2) @ x_w
+    if refine and theta3.size >= 3:
+        Bs = conv_per_target(frames, ref, th3_ref, xp)
+        Xs = x_ref[None, :] + (k2prime - th3_ref)[:, None] * Bs
+        r1s = xp.sum(Xs * Y * x_w, axis=1) / ((Xs * Xs) @ x_w)
+        rss_s = ((Y - r1s[:, None] * Xs) ** 2) @ x_w
+        use = ~edge & (rss_s <= rss)
+        r1 = xp.where(use, r1s, r1)
+        t3 = xp.where(use, th3_ref, t3)
+        Xsel = xp.where(use[:, None], Xs, Xsel)
+        rss = xp.where(use, rss_s, rss)
+    fitted = r1[:, None] * Xsel
+    bp = k2prime * r1 / t3 - 1.0
+    status = xp.where(finite & edge, STATUS_BOUND_HIT, status).astype(xp.int8)
+    params = {
+        "bp_nd": bp,
+        "r1": r1,
+        "k2_per_min": r1 * k2prime,
+        "k2prime_per_min": xp.full(nt, float(k2prime)),
+        "k2a_per_min": t3,
+    }
+    se = {k: _nan(xp, nt) for k in params}
+    return _finish(xp, params, se, fitted, rss, status, finite)
+
+
+# ------------------------------------------------------- linear: MRTM family
+def _included(frames, tstar_min, w, model):
+    inc = frames.mid_min >= tstar_min
+    wt = np.where(inc, w, 0.0)
+    n_used = int(np.count_nonzero(wt > 0))
+    return wt, n_used
+
+
+def mrtm(frames, ref, w, Y, xp, tstar_min):
+    """MRTM (Ichise et al. 2003), 3 parameters, linear.
+
+    Operational equation (integrated SRTM; Ichise et al. 2003, MRTM):
+    ``C_T(T) = g1 int_0^T C_R + g2 int_0^T C_T + g3 C_R(T)`` for frames with
+    mid-time >= t*, where ``g1 = k2``, ``g2 = -k2a``, ``g3 = R1``, so
+    ``BP_ND = -(g1/g2 + 1)`` and ``k2' = g1/g3``.  Integrals are frame means
+    of the running integral (see ``_core``).
+    """
+    Y, finite, status = _prepare(Y, xp)
+    nt = Y.shape[0]
+    wt, n_used = _included(frames, tstar_min, w, "mrtm")
+    M0 = frames.running_integral_matrix
+    u1 = M0 @ ref
+    u3 = ref
+    x_M0 = xp.asarray(M0)
+    x_wt = xp.asarray(wt)
+    u2 = Y @ x_M0.T  # (nt, nf)
+    # Column scaling makes the normal matrix a correlation-like matrix, so one
+    # determinant tolerance serves any unit or magnitude.
+    s1 = float(np.sqrt(wt @ (u1 * u1)))
+    s3 = float(np.sqrt(wt @ (u3 * u3)))
+    s2 = xp.sqrt((u2 * u2) @ x_wt)
+    s2 = xp.where(s2 > 0, s2, 1.0)
+    v1 = xp.asarray(u1 / s1)
+    v3 = xp.asarray(u3 / s3)
+    v2 = u2 / s2[:, None]
+    a13 = float(np.sum(wt * (u1 / s1) * (u3 / s3)))
+    a12 = v2 @ (x_wt * v1)
+    a23 = v2 @ (x_wt * v3)
+    r1_ = Y @ (x_wt * v1)
+    r2_ = xp.sum(x_wt * v2 * Y, axis=1)
+    r3_ = Y @ (x_wt * v3)
+    # Inverse of the symmetric matrix [[1, a12, a13], [a12, 1, a23], [a13, a23, 1]].
+    c11 = 1 - a23**2
+    c12 = a13 * a23 - a12
+    c13 = a12 * a23 - a13
+    c22 = 1 - a13**2
+    c23 = a12 * a13 - a23
+    c33 = 1 - a12**2
+    det = c11 + a12 * c12 + a13 * c13
+    ok = det > _DET_TOL
+    det = xp.where(ok, det, 1.0)
+    inv = [[c11, c12, c13], [c12, c22, c23], [c13, c23, c33]]
+    inv = [[c / det for c in row] for row in inv]
+    rr = (r1_, r2_, r3_)
+    cs = [sum(inv[i][k] * rr[k] for k in range(3)) for i in range(3)]
+    scale = (s1, s2, s3)
+    g1, g2, g3 = (cs[i] / scale[i] for i in range(3))
+    fitted = g1[:, None] * xp.asarray(u1) + g2[:, None] * u2 + g3[:, None] * xp.asarray(u3)
+    rss = ((Y - fitted) ** 2) @ x_wt
+    dof = max(n_used - 3, 1)
+    s2res = rss / dof
+    cov = lambda i, k: s2res * inv[i][k] / (scale[i] * scale[k])  # noqa: E731
+    ok = ok & (g2 < 0)
+    g2s = xp.where(g2 != 0, g2, xp.nan)
+    g3s = xp.where(g3 != 0, g3, xp.nan)
+    bp = -(g1 / g2s) - 1.0
+    # Delta method: d bp / d(g1, g2) = (-1/g2, g1/g2^2); d k2'/d(g1, g3) = (1/g3, -g1/g3^2).
+    d1, d2 = -1.0 / g2s, g1 / g2s**2
+    var_bp = d1 * d1 * cov(0, 0) + 2 * d1 * d2 * cov(0, 1) + d2 * d2 * cov(1, 1)
+    e1, e3 = 1.0 / g3s, -g1 / g3s**2
+    var_kp = e1 * e1 * cov(0, 0) + 2 * e1 * e3 * cov(0, 2) + e3 * e3 * cov(2, 2)
+    status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status).astype(xp.int8)
+    params = {"bp_nd": bp, "r1": g3, "k2_per_min": g1, "k2prime_per_min": g1 / g3s, "k2a_per_min": -g2}
+    se = {
+        "bp_nd": xp.sqrt(var_bp),
+        "r1": xp.sqrt(cov(2, 2)),
+        "k2_per_min": xp.sqrt(cov(0, 0)),
+        "k2prime_per_min": xp.sqrt(var_kp),
+        "k2a_per_min": xp.sqrt(cov(1, 1)),
+    }
+    return _finish(xp, params, se, fitted, rss, status, finite)
+
+
+def _two_column(Y, x_wt, u1, u2, xp):
+    """Weighted LS ``Y ~ c1 u1 + c2 u2`` per row; ``u1`` (n_frames,) shared,
+    ``u2`` (n_targets, n_frames).  Returns coefficients, inverse normal matrix
+    (unscaled) entries and the singular-flag."""
+    s1 = xp.sqrt(xp.sum(x_wt * u1 * u1))
+    s2 = xp.sqrt((u2 * u2) @ x_wt)
+    s2 = xp.where(s2 > 0, s2, 1.0)
+    v1 = u1 / s1
+    v2 = u2 / s2[:, None]
+    a12 = v2 @ (x_wt * v1)
+    r1_ = Y @ (x_wt * v1)
+    r2_ = xp.sum(x_wt * v2 * Y, axis=1)
+    det = 1 - a12**2
+    ok = det > _DET_TOL
+    det = xp.where(ok, det, 1.0)
+    c1 = (r1_ - a12 * r2_) / det / s1
+    c2 = (r2_ - a12 * r1_) / det / s2
+    i11 = 1 / det / (s1 * s1)
+    i12 = -a12 / det / (s1 * s2)
+    i22 = 1 / det / (s2 * s2)
+    return c1, c2, (i11, i12, i22), ok
+
+
+def mrtm2(frames, ref, w, Y, xp, tstar_min, k2prime):
+    """MRTM2 (Ichise et al. 2003), 2 parameters, ``k2'`` fixed.
+
+    ``C_T(T) = g1 [int_0^T C_R + C_R(T)/k2'] + g2 int_0^T C_T`` for frames
+    with mid-time >= t*, with ``g1 = k2 = R1 k2'`` and ``g2 = -k2a``, so
+    ``BP_ND = -(g1/g2 + 1)`` and ``R1 = g1/k2'``.
+    """
+    Y, finite, status = _prepare(Y, xp)
+    nt = Y.shape[0]
+    wt, n_used = _included(frames, tstar_min, w, "mrtm2")
+    M0 = frames.running_integral_matrix
+    u1 = xp.asarray(M0 @ ref + ref / k2prime)
+    u2 = Y @ xp.asarray(M0).T
+    x_wt = xp.asarray(wt)
+    g1, g2, (i11, i12, i22), ok = _two_column(Y, x_wt, u1, u2, xp)
+    fitted = g1[:, None] * u1 + g2[:, None] * u2
+    rss = ((Y - fitted) ** 2) @ x_wt
+    s2res = rss / max(n_used - 2, 1)
+    ok = ok & (g2 < 0)
+    g2s = xp.where(g2 != 0, g2, xp.nan)
+    bp = -(g1 / g2s) - 1.0
+    d1, d2 = -1.0 / g2s, g1 / g2s**2
+    var_bp = s2res * (d1 * d1 * i11 + 2 * d1 * d2 * i12 + d2 * d2 * i22)
+    status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status).astype(xp.int8)
+    params = {
+        "bp_nd": bp,
+        "r1": g1 / k2prime,
+        "k2_per_min": g1,
+        "k2prime_per_min": xp.full(nt, float(k2prime)),
+        "k2a_per_min": -g2,
+    }
+    se_k2 = xp.sqrt(s2res * i11)
+    se = {
+        "bp_nd": xp.sqrt(var_bp),
+        "r1": se_k2 / k2prime,
+        "k2_per_min": se_k2,
+        "k2prime_per_min": _nan(xp, nt),
+        "k2a_per_min": xp.sqrt(s2res * i22),
+    }
+    return _finish(xp, params, se, fitted, rss, status, finite)
+
+
+def logan(frames, ref, w, Y, xp, tstar_min, k2prime):
+    """Logan reference-region graphical analysis (Logan et al. 1996).
+
+    For frames with mid-time >= t*:
+    ``int_0^T C_T / C_T(T) = DVR [int_0^T C_R + C_R(T)/k2'] / C_T(T) + b``;
+    ``BP_ND = DVR - 1``.  Weighted linear regression of the plot with the
+    frame weights; ``fitted`` (TAC space) is not defined for Logan (NaN).
+    """
+    Y, finite, status = _prepare(Y, xp)
+    nt = Y.shape[0]
+    wt, n_used = _included(frames, tstar_min, w, "logan")
+    M0 = frames.running_integral_matrix
+    x_wt = xp.asarray(wt)
+    inc = x_wt > 0
+    pos = xp.all((Y > 0) | ~inc[None, :], axis=1)
+    Ys = xp.where(Y > 0, Y, 1.0)
+    num_x = xp.asarray(M0 @ ref + ref / k2prime)
+    xv = num_x[None, :] / Ys
+    zv = (Y @ xp.asarray(M0).T) / Ys
+    S = xp.sum(x_wt)
+    Sx = xv @ x_wt
+    Sz = zv @ x_wt
+    Sxx = (xv * xv) @ x_wt
+    Sxz = (xv * zv) @ x_wt
+    D = S * Sxx - Sx**2
+    ok = D > _DET_TOL * S * Sxx
+    Dn = xp.where(ok, D, 1.0)
+    dvr = (S * Sxz - Sx * Sz) / Dn
+    icpt = (Sz - dvr * Sx) / S
+    res = zv - dvr[:, None] * xv - icpt[:, None]
+    rss = (res * res) @ x_wt
+    s2res = rss / max(n_used - 2, 1)
+    se_dvr = xp.sqrt(s2res * S / Dn)
+    status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status)
+    status = xp.where(finite & ok & ~pos, STATUS_NONPOSITIVE_DATA, status).astype(xp.int8)
+    params = {
+        "bp_nd": dvr - 1.0,
+        "dvr": dvr,
+        "intercept_min": icpt,
+        "r1": _nan(xp, nt),
+        "k2_per_min": _nan(xp, nt),
+        "k2prime_per_min": xp.full(nt, float(k2prime)),
+    }
+    se = {k: _nan(xp, nt) for k in params}
+    se["bp_nd"] = se_dvr
+    se["dvr"] = se_dvr
+    fitted = xp.full(Y.shape, xp.nan)
+    return _finish(xp, params, se, fitted, rss, status, finite)
