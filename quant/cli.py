@@ -122,14 +122,15 @@ def _per_target(value, n: int, default=math.nan) -> np.ndarray:
 
 
 def _status_name(status_names, code: int) -> str:
-    try:
-        if isinstance(status_names, dict):
-            return str(status_names.get(code, status_names.get(str(code), code)))
-        if status_names is not None and 0 <= code < len(status_names):
-            return str(status_names[code])
-    except TypeError:
-        pass
-    return "ok" if code == 0 else str(code)
+    """Short status name (first word of the model's description)."""
+    name = None
+    if isinstance(status_names, dict):
+        name = status_names.get(code, status_names.get(str(code)))
+    elif status_names is not None and 0 <= code < len(status_names):
+        name = status_names[code]
+    if name is None:
+        return "ok" if code == 0 else str(code)
+    return str(name).split(" ")[0] or str(code)
 
 
 def _read_optional_sidecar(path: Path) -> dict | None:
