@@ -45,7 +45,8 @@ def test_tacs_fit_compare_end_to_end(tmp_path):
                          "--out", str(tacs), "--quiet"]) == 0
             assert main(["fit", str(tacs), "--reference", "cerebellum", "--model", "srtm", "--weights", "counts",
                          "--out", str(d / f"{stem}_bpnd.tsv"), "--quiet"]) == 0
-            # the TAC sidecar carried the radionuclide through to the fit
+            # the TAC sidecar carries the radionuclide through to the fit
+            assert json.loads((d / f"{stem}_tacs.json").read_text())["TracerRadionuclide"] == "C11"
             assert json.loads((d / f"{stem}_bpnd.json").read_text())["HalfLifeMin"] == pytest.approx(20.364)
     (study / "participants.tsv").write_text(
         "participant_id\tgroup\n" + "".join(f"sub-{i + 1:02d}\t{g}\n" for i, g in enumerate(groups)))
@@ -122,6 +123,17 @@ def test_fit_passes_options_to_model(tmp_path, monkeypatch):
     assert seen == dict(weights="duration", tstar_min=10.0, k2prime_per_min=0.2, half_life_min=109.77)
     _, rows = read_table_tsv(tmp_path / "r.tsv")
     assert all(float(r["k2prime_per_min"]) == 0.2 for r in rows)
+
+
+def test_half_life_from_tac_sidecar(tmp_path):
+    tacs = _tac_file(tmp_path)
+    (tmp_path / "x_tacs.json").write_text(json.dumps({"TracerRadionuclide": "F-18"}))
+    assert main(["fit", str(tacs), "--reference", "cerebellum", "--model", "bfsrtm", "--weights", "counts",
+                 "--out", str(tmp_path / "r_bpnd.tsv"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r_bpnd.json").read_text())["HalfLifeMin"] == pytest.approx(109.77)
+    (tmp_path / "x_tacs.json").write_text(json.dumps({"TracerRadionuclide": "Xe133"}))
+    assert main(["fit", str(tacs), "--reference", "cerebellum", "--model", "bfsrtm", "--weights", "counts",
+                 "--out", str(tmp_path / "r_bpnd.tsv"), "--quiet"]) == 2
 
 
 def test_bad_input_exit_code_2(tmp_path, capsys):

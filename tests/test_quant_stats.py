@@ -151,7 +151,8 @@ def test_holm_and_bh_hand_values():
     np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.05] * 5)
     p = [0.011, 0.5, 0.01]  # BH raw m*p/i = 0.03, 0.0165, 0.5 is not monotone: step-up gives 0.0165 twice
     np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.0165, 0.5, 0.0165])
-    np.testing.assert_allclose(stats.holm(p), [0.022, 0.5, 0.03])
+    # Holm: 3*0.01 = 0.03, then max(0.03, 2*0.011 = 0.022) = 0.03, then 0.5
+    np.testing.assert_allclose(stats.holm(p), [0.03, 0.5, 0.03])
     p = [0.5, np.nan, 0.2, 0.9]  # NaN kept, m = 3, capped at 1
     np.testing.assert_allclose(stats.holm(p), [1.0, np.nan, 0.6, 1.0])
     np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.75, np.nan, 0.6, 0.9])
