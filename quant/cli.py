@@ -305,7 +305,8 @@ def cmd_compare(args) -> list[Path]:
             raise InputError(f"--n-permutations must be >= 1, got {args.n_permutations}")
         out = compare.run_study(args.study, args.out_dir, args.baseline_session, args.post_session,
                                 args.group_column, args.n_permutations, args.seed, voxelwise=args.voxelwise,
-                                figures=not args.no_figures, progress=not args.quiet)
+                                figures=not args.no_figures, progress=not args.quiet,
+                                result_pattern=args.result_pattern)
         return list(out.values())
     if not (args.baseline and args.post):
         raise InputError("compare: give --baseline and --post (two sessions), or --study DIR")
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-session", default="baseline", help="baseline session label (default baseline)")
     p.add_argument("--post-session", default="postdose", help="post-dose session label (default postdose)")
     p.add_argument("--group-column", default="group", help="group column of participants.tsv (default group)")
+    p.add_argument("--result-pattern", default="*_bpnd.tsv",
+                   help="glob of the fit result in each session folder (default *_bpnd.tsv), "
+                        "e.g. '*_model-srtm_bpnd.tsv' when several models were fitted")
     p.add_argument("--n-permutations", type=int, default=10000, help="random relabelings (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
     p.add_argument("--voxelwise", action="store_true", help="also per-group voxelwise paired t-maps")

@@ -302,8 +302,20 @@ def _find_one(study_dir: Path, pid: str, session: str, patterns: Sequence[str], 
 
 
 def load_study(study_dir, baseline_session: str = "baseline", post_session: str = "postdose",
-               group_column: str = "group") -> StudyData:
+               group_column: str = "group", result_pattern: str = "*_bpnd.tsv") -> StudyData:
     """Read participants and regional BP_ND of both sessions (layout in module docstring).
+
+    Parameters
+    ----------
+    study_dir : str or path-like
+    baseline_session, post_session : str
+        Session labels (folders ``ses-<label>``).
+    group_column : str
+        Column of ``participants.tsv`` holding the group.
+    result_pattern : str
+        Glob of the fit result inside each session folder (searched
+        recursively), e.g. ``*_model-srtm_bpnd.tsv`` when several models were
+        fitted.
 
     Raises
     ------
@@ -319,7 +331,7 @@ def load_study(study_dir, baseline_session: str = "baseline", post_session: str 
     base_rows, post_rows, bfiles, pfiles = [], [], [], []
     for pid, _ in participants:
         for session, rows_out, files_out in ((baseline_session, base_rows, bfiles), (post_session, post_rows, pfiles)):
-            f = _find_one(study_dir, pid, session, ("*_bpnd.tsv",))
+            f = _find_one(study_dir, pid, session, (result_pattern,))
             vals = read_bpnd_tsv(f)
             if regions is None:
                 regions, first_file = list(vals), f
@@ -492,8 +504,11 @@ def _voxelwise(study_dir: Path, data: StudyData, baseline_session: str, post_ses
 def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_session: str = "postdose",
               group_column: str = "group", n_permutations: int = 10000, seed: int = 0,
               confidence: float = 0.95, voxelwise: bool = False, figures: bool = True,
-              progress: bool = False) -> dict[str, Path]:
+              progress: bool = False, result_pattern: str = "*_bpnd.tsv") -> dict[str, Path]:
     """Whole-study comparison: tables (TSV), figures (PNG), optional voxelwise maps.
+
+    Parameters are those of :func:`load_study`, :func:`interaction_statistics`
+    and :func:`within_group_statistics`; ``figures`` switches the PNGs off.
 
     Writes to ``out_dir``: ``subject_changes.tsv`` (per subject and region),
     ``within_group.tsv``, ``group_by_time.tsv`` (only with two or more
@@ -507,7 +522,7 @@ def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_sessi
     """
     study_dir = Path(study_dir)
     out_dir = Path(out_dir)
-    data = load_study(study_dir, baseline_session, post_session, group_column)
+    data = load_study(study_dir, baseline_session, post_session, group_column, result_pattern)
     logger.info("study %s: %d subjects, groups %s, %d regions", study_dir, len(data.participant_ids),
                 data.group_names, len(data.region_names))
     out: dict[str, Path] = {}

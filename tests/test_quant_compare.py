@@ -165,6 +165,7 @@ def test_study_layout_errors(tmp_path):
     _write_fit(tmp_path / "t" / "sub-02" / "ses-baseline" / "extra_bpnd.tsv", [1, 2, 3])
     with pytest.raises(ValueError, match=r"sub-02/ses-baseline: 2 files match"):
         compare.load_study(tmp_path / "t")
+    assert compare.load_study(tmp_path / "t", result_pattern="sub-*_bpnd.tsv").baseline.shape == (7, 3)
     with pytest.raises(ValueError, match=r"ses-pre: session folder not found"):
         compare.load_study(tmp_path / "s", baseline_session="pre")
     make_study(tmp_path / "u", rng)
