@@ -155,7 +155,7 @@ def cmd_tacs(args) -> list[Path]:
 
     pet = load_pet(args.image, args.json)
     atlas = load_atlas(args.atlas, args.labels)
-    table = tacs_from_image(pet, atlas, args.regions)
+    table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
     out = write_tacs_tsv(args.out, table)
     side = {
         "Description": "regional mean time-activity curves",

@@ -14,6 +14,7 @@ import logging
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from .io import Atlas, PETImage, TACTable, check_same_grid
 
@@ -31,6 +32,7 @@ def extract_tacs(
     regions: Sequence[str] | None = None,
     source: str = "image",
     atlas_source: str = "atlas",
+    progress: bool = False,
 ) -> TACTable:
     """Mean activity per region and frame.
 
@@ -49,6 +51,8 @@ def extract_tacs(
         in increasing label order.
     source, atlas_source : str
         File names used in error messages.
+    progress : bool
+        Show a tqdm progress bar over frames (large images).
 
     Returns
     -------
@@ -94,7 +98,7 @@ def extract_tacs(
     n_frames = image_4d.shape[3]
     flat_img = image_4d.reshape(-1, n_frames)
     values = np.empty((n_frames, idx.size), dtype=np.float64)
-    for f in range(n_frames):
+    for f in tqdm(range(n_frames), desc="regional means", unit="frame", disable=not progress):
         # bincount accumulates in float64 whatever the image dtype.
         sums = np.bincount(flat_labels, weights=flat_img[:, f], minlength=n_bins)
         values[f] = sums[idx] / counts[idx]
@@ -102,7 +106,8 @@ def extract_tacs(
     return TACTable(frame_start_s, frame_end_s, regions, values, source=f"TACs of {source}")
 
 
-def tacs_from_image(pet: PETImage, atlas: Atlas, regions: Sequence[str] | None = None) -> TACTable:
+def tacs_from_image(pet: PETImage, atlas: Atlas, regions: Sequence[str] | None = None,
+                    progress: bool = False) -> TACTable:
     """:func:`extract_tacs` for loaded files, after checking that grids match.
 
     Parameters
@@ -110,6 +115,8 @@ def tacs_from_image(pet: PETImage, atlas: Atlas, regions: Sequence[str] | None =
     pet : PETImage
     atlas : Atlas
     regions : sequence of str, optional
+    progress : bool
+        Progress bar over frames.
 
     Returns
     -------
@@ -122,7 +129,7 @@ def tacs_from_image(pet: PETImage, atlas: Atlas, regions: Sequence[str] | None =
     """
     check_same_grid(pet.data.shape, pet.affine, pet.path, atlas.labels.shape, atlas.affine, atlas.path)
     return extract_tacs(pet.data, atlas.labels, atlas.names, pet.frame_start_s, pet.frame_end_s,
-                        regions=regions, source=pet.path, atlas_source=atlas.path)
+                        regions=regions, source=pet.path, atlas_source=atlas.path, progress=progress)
 
 
 def split_reference(table: TACTable, reference: str, targets: Sequence[str] | None = None):
