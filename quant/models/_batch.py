@@ -6,6 +6,12 @@ with ``params`` (name -> xp array (n_targets,)), ``se`` (same names, NaN when
 not available), ``fitted`` (xp (n_targets, n_frames) or ``None``), ``rss``
 (weighted residual sum of squares) and ``status`` (xp int array).  There is
 no loop over targets: regional fits and parametric maps are the same code.
+
+Standard errors are not computed here (NaN): ordinary least-squares errors of
+MRTM/MRTM2/Logan treat the noisy running integral of ``C_T`` as an exact
+regressor and underestimate the true spread about threefold (checked by
+Monte Carlo); :func:`quant.models.fit_model` adds Jacobian-based errors for
+regional fits instead.
 """
 
 from __future__ import annotations
@@ -258,34 +264,20 @@ def mrtm(frames, ref, w, Y, xp, tstar_min):
     g1, g2, g3 = (cs[i] / scale[i] for i in range(3))
     fitted = g1[:, None] * xp.asarray(u1) + g2[:, None] * u2 + g3[:, None] * xp.asarray(u3)
     rss = ((Y - fitted) ** 2) @ x_wt
-    dof = max(n_used - 3, 1)
-    s2res = rss / dof
-    cov = lambda i, k: s2res * inv[i][k] / (scale[i] * scale[k])  # noqa: E731
     ok = ok & (g2 < 0)
     g2s = xp.where(g2 != 0, g2, xp.nan)
     g3s = xp.where(g3 != 0, g3, xp.nan)
     bp = -(g1 / g2s) - 1.0
-    # Delta method: d bp / d(g1, g2) = (-1/g2, g1/g2^2); d k2'/d(g1, g3) = (1/g3, -g1/g3^2).
-    d1, d2 = -1.0 / g2s, g1 / g2s**2
-    var_bp = d1 * d1 * cov(0, 0) + 2 * d1 * d2 * cov(0, 1) + d2 * d2 * cov(1, 1)
-    e1, e3 = 1.0 / g3s, -g1 / g3s**2
-    var_kp = e1 * e1 * cov(0, 0) + 2 * e1 * e3 * cov(0, 2) + e3 * e3 * cov(2, 2)
     status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status).astype(xp.int8)
     params = {"bp_nd": bp, "r1": g3, "k2_per_min": g1, "k2prime_per_min": g1 / g3s, "k2a_per_min": -g2}
-    se = {
-        "bp_nd": xp.sqrt(var_bp),
-        "r1": xp.sqrt(cov(2, 2)),
-        "k2_per_min": xp.sqrt(cov(0, 0)),
-        "k2prime_per_min": xp.sqrt(var_kp),
-        "k2a_per_min": xp.sqrt(cov(1, 1)),
-    }
+    se = {k: _nan(xp, nt) for k in params}
     return _finish(xp, params, se, fitted, rss, status, finite)
 
 
 def _two_column(Y, x_wt, u1, u2, xp):
     """Weighted LS ``Y ~ c1 u1 + c2 u2`` per row; ``u1`` (n_frames,) shared,
-    ``u2`` (n_targets, n_frames).  Returns coefficients, inverse normal matrix
-    (unscaled) entries and the singular-flag."""
+    ``u2`` (n_targets, n_frames).  Returns the coefficients and a flag that
+    is False where the normal matrix is singular."""
     s1 = xp.sqrt(xp.sum(x_wt * u1 * u1))
     s2 = xp.sqrt((u2 * u2) @ x_wt)
     s2 = xp.where(s2 > 0, s2, 1.0)
@@ -299,10 +291,7 @@ def _two_column(Y, x_wt, u1, u2, xp):
     det = xp.where(ok, det, 1.0)
     c1 = (r1_ - a12 * r2_) / det / s1
     c2 = (r2_ - a12 * r1_) / det / s2
-    i11 = 1 / det / (s1 * s1)
-    i12 = -a12 / det / (s1 * s2)
-    i22 = 1 / det / (s2 * s2)
-    return c1, c2, (i11, i12, i22), ok
+    return c1, c2, ok
 
 
 def mrtm2(frames, ref, w, Y, xp, tstar_min, k2prime):
@@ -319,15 +308,12 @@ def mrtm2(frames, ref, w, Y, xp, tstar_min, k2prime):
     u1 = xp.asarray(M0 @ ref + ref / k2prime)
     u2 = Y @ xp.asarray(M0).T
     x_wt = xp.asarray(wt)
-    g1, g2, (i11, i12, i22), ok = _two_column(Y, x_wt, u1, u2, xp)
+    g1, g2, ok = _two_column(Y, x_wt, u1, u2, xp)
     fitted = g1[:, None] * u1 + g2[:, None] * u2
     rss = ((Y - fitted) ** 2) @ x_wt
-    s2res = rss / max(n_used - 2, 1)
     ok = ok & (g2 < 0)
     g2s = xp.where(g2 != 0, g2, xp.nan)
     bp = -(g1 / g2s) - 1.0
-    d1, d2 = -1.0 / g2s, g1 / g2s**2
-    var_bp = s2res * (d1 * d1 * i11 + 2 * d1 * d2 * i12 + d2 * d2 * i22)
     status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status).astype(xp.int8)
     params = {
         "bp_nd": bp,
@@ -336,14 +322,7 @@ def mrtm2(frames, ref, w, Y, xp, tstar_min, k2prime):
         "k2prime_per_min": xp.full(nt, float(k2prime)),
         "k2a_per_min": -g2,
     }
-    se_k2 = xp.sqrt(s2res * i11)
-    se = {
-        "bp_nd": xp.sqrt(var_bp),
-        "r1": se_k2 / k2prime,
-        "k2_per_min": se_k2,
-        "k2prime_per_min": _nan(xp, nt),
-        "k2a_per_min": xp.sqrt(s2res * i22),
-    }
+    se = {k: _nan(xp, nt) for k in params}
     return _finish(xp, params, se, fitted, rss, status, finite)
 
 
@@ -378,8 +357,6 @@ def logan(frames, ref, w, Y, xp, tstar_min, k2prime):
     icpt = (Sz - dvr * Sx) / S
     res = zv - dvr[:, None] * xv - icpt[:, None]
     rss = (res * res) @ x_wt
-    s2res = rss / max(n_used - 2, 1)
-    se_dvr = xp.sqrt(s2res * S / Dn)
     status = xp.where(finite & ~ok, STATUS_FIT_FAILED, status)
     status = xp.where(finite & ok & ~pos, STATUS_NONPOSITIVE_DATA, status).astype(xp.int8)
     params = {
@@ -391,7 +368,5 @@ def logan(frames, ref, w, Y, xp, tstar_min, k2prime):
         "k2prime_per_min": xp.full(nt, float(k2prime)),
     }
     se = {k: _nan(xp, nt) for k in params}
-    se["bp_nd"] = se_dvr
-    se["dvr"] = se_dvr
     fitted = xp.full(Y.shape, xp.nan)
     return _finish(xp, params, se, fitted, rss, status, finite)

@@ -21,6 +21,7 @@ import logging
 import math
 import sys
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 
@@ -43,6 +44,9 @@ STATUS_NAMES = {
 }
 
 WEIGHT_SCHEMES = ("none", "duration", "counts")
+
+_CONV_CACHE = OrderedDict()
+_CONV_CACHE_SIZE = 8
 
 
 # --------------------------------------------------------------------------- xp
@@ -308,6 +312,13 @@ def conv_matrices(frames, b_per_min):
     cumulative integral at the frame's start and end knots over the duration.
     """
     b = np.asarray(b_per_min, dtype=np.float64).reshape(-1, 1)
+    # Memoised: every chunk of a parametric map and every regional fit with
+    # the same frames and grid reuses the matrices.
+    key = (frames.start_min.tobytes(), frames.end_min.tobytes(), b.tobytes())
+    hit = _CONV_CACHE.get(key)
+    if hit is not None:
+        _CONV_CACHE.move_to_end(key)
+        return hit
     t = frames.knots_min
     h, c0, m = _segments(frames)
     x = b * h  # (nb, nseg)
@@ -319,7 +330,13 @@ def conv_matrices(frames, b_per_min):
     y = L @ g  # (nb, nk, nf): value at every knot
     seg = y[:, :-1] * (h * f1)[..., None] + c0[None] * (h * h * f2)[..., None] + m[None] * (h**3 * f3)[..., None]
     cum = np.concatenate([np.zeros((b.shape[0], 1, frames.n)), np.cumsum(seg, axis=1)], axis=1)
-    return _frame_means(cum, frames, np, axis=1)
+    out = _frame_means(cum, frames, np, axis=1)
+    out.setflags(write=False)
+    if b.size > 1:  # single rates come from the NLS loop: not worth keeping
+        _CONV_CACHE[key] = out
+        while len(_CONV_CACHE) > _CONV_CACHE_SIZE:
+            _CONV_CACHE.popitem(last=False)
+    return out
 
 
 def conv_per_target(frames, c_frames, b_per_min, xp):

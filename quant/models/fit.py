@@ -65,7 +65,10 @@ class KineticResult:
         (``r1``/``k2_per_min`` for Logan) and for failed targets.  Models may
         add more (``k2a_per_min``, Logan ``dvr`` and ``intercept_min``).
     standard_errors : dict of str -> ndarray (n_targets,)
-        Same keys; NaN when not available (fixed parameters, failed targets).
+        Same keys; NaN when not available (fixed parameters, failed
+        targets, every Logan parameter).  SRTM: from the solver Jacobian;
+        BF-SRTM, SRTM2, MRTM, MRTM2: from the Jacobian of the SRTM
+        operational equation at the estimate (asymptotic, ``s^2 (J^T W J)^-1``).
     fitted : ndarray (n_frames, n_targets)
         Model TAC in Bq/mL (frame means); NaN for Logan and failed targets.
     weights : ndarray (n_frames,)
@@ -158,7 +161,7 @@ def first_pass_k2prime(frames, ref, w, Y, xp, grid, refine=True):
     """``k2' = k2/R1`` from BF-SRTM: median over targets that fit (status ok)
     with ``BP_ND > 0`` and ``R1 > 0`` (Wu & Carson 2002 use an SRTM first
     pass over high-binding regions the same way).  Returns (k2', n_used)."""
-    out = _batch.bfsrtm(frames, ref, w, Y, xp, grid, refine=refine)
+    out = run_batch("bfsrtm", frames, ref, w, Y, xp, None, None, grid, refine)
     p = {k: to_numpy(v) for k, v in out["params"].items()}
     st = to_numpy(out["status"])
     kp = p["k2prime_per_min"]
@@ -186,8 +189,21 @@ def resolve_k2prime(model, k2prime_per_min):
     return k
 
 
+def _used_weights(frames, w, tstar):
+    """Weights with frames before t* set to 0."""
+    return w if tstar is None else np.where(frames.mid_min >= tstar, w, 0.0)
+
+
 def run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
     """Dispatch to the batched implementation (not SRTM-NLS)."""
+    # Failed rows divide by zero on the way to NaN; status reports them.
+    if xp is np:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine)
+    return _run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine)
+
+
+def _run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
     if model == "bfsrtm":
         return _batch.bfsrtm(frames, ref, w, Y, xp, grid, refine=refine)
     if model == "srtm2":
@@ -201,34 +217,46 @@ def run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
     raise ValueError(f"model {model!r} has no batched implementation")
 
 
-def _basis_model_se(model, frames, ref, w, Y, out, k2p):
-    """Standard errors for BF-SRTM / SRTM2 from the SRTM Jacobian at the
-    estimate (the basis search itself gives none)."""
+def _jacobian_se(model, frames, ref, wt, out, k2p):
+    """Standard errors from the Jacobian of the SRTM operational equation at
+    the estimate, ``cov = s^2 (J^T W J)^-1`` (regional fits only).
+
+    BF-SRTM and MRTM give (R1, k2, BP_ND); SRTM2 and MRTM2 give (R1, BP_ND)
+    with ``k2 = R1 k2'``.  For MRTM/MRTM2 this is the asymptotic error of
+    the SRTM estimate at the same parameters: ordinary least-squares errors
+    of the linear form treat the noisy running integral of ``C_T`` as exact
+    and came out about three times too small in Monte Carlo checks.  Only
+    frames with positive weight (after t*) enter.
+    """
     p = out["params"]
-    n_used = int(np.count_nonzero(w > 0))
-    sw = np.sqrt(w)
-    for i in range(Y.shape[0]):
-        if not np.isfinite(p["bp_nd"][i]) or p["bp_nd"][i] <= -1:
+    n_used = int(np.count_nonzero(wt > 0))
+    sw = np.sqrt(wt)
+    three = model in ("bfsrtm", "mrtm")
+    for i in range(p["bp_nd"].size):
+        if not (np.isfinite(p["bp_nd"][i]) and p["bp_nd"][i] > -1 and np.isfinite(out["rss"][i])):
             continue
-        if model == "bfsrtm":
+        if three:
             x = np.array([p["r1"][i], p["k2_per_min"][i], p["bp_nd"][i]])
 
             def fun(q):
                 return sw * _srtm_frames(frames, ref, q[0], q[1], q[2])
 
-            cov = covariance(numeric_jacobian(fun, x), out["rss"][i], n_used)
-            out["se"]["r1"][i], out["se"]["k2_per_min"][i], out["se"]["bp_nd"][i] = np.sqrt(np.diag(cov))
-            g = np.array([-x[1] / x[0] ** 2, 1.0 / x[0], 0.0])
-            out["se"]["k2prime_per_min"][i] = np.sqrt(g @ cov @ g)
         else:
             x = np.array([p["r1"][i], p["bp_nd"][i]])
 
             def fun(q):
                 return sw * _srtm_frames(frames, ref, q[0], q[0] * k2p, q[1])
 
+        with np.errstate(invalid="ignore"):
             cov = covariance(numeric_jacobian(fun, x), out["rss"][i], n_used)
-            out["se"]["r1"][i], out["se"]["bp_nd"][i] = np.sqrt(np.diag(cov))
-            out["se"]["k2_per_min"][i] = out["se"]["r1"][i] * k2p
+            se = np.sqrt(np.diag(cov))
+        if three:
+            out["se"]["r1"][i], out["se"]["k2_per_min"][i], out["se"]["bp_nd"][i] = se
+            g = np.array([-x[1] / x[0] ** 2, 1.0 / x[0], 0.0])  # d(k2/R1)
+            out["se"]["k2prime_per_min"][i] = np.sqrt(g @ cov @ g)
+        else:
+            out["se"]["r1"][i], out["se"]["bp_nd"][i] = se
+            out["se"]["k2_per_min"][i] = se[0] * k2p
 
 
 def _as_targets(target_tacs, n_frames):
@@ -363,7 +391,7 @@ def fit_model(
         info["k2prime_source"] = f"bfsrtm first pass: median k2/R1 over {n_fp} targets with BP_ND > 0"
         logger.info("%s: k2' = %.5g 1/min from BF-SRTM first pass (%d targets)", model, k2p, n_fp)
     if model == "srtm":
-        start_out = _batch.bfsrtm(frames, ref, w, Y, np, grid, refine=refine)
+        start_out = run_batch("bfsrtm", frames, ref, w, Y, np, None, None, grid, refine)
         sp = start_out["params"]
         start = np.stack([sp["r1"], sp["k2_per_min"], sp["bp_nd"]], axis=1)
         out = fit_srtm_nls(
@@ -381,10 +409,12 @@ def fit_model(
         bound = out["bound_hit"]
     else:
         out = run_batch(model, frames, ref, w, Y, np, tstar, k2p, grid, refine)
-        if model in ("bfsrtm", "srtm2"):
-            _basis_model_se(model, frames, ref, w, Y, out, k2p)
+        out["params"] = {k: np.array(v, dtype=np.float64) for k, v in out["params"].items()}
+        out["se"] = {k: np.array(v, dtype=np.float64) for k, v in out["se"].items()}
+        if model != "logan":
+            _jacobian_se(model, frames, ref, _used_weights(frames, w, tstar), out, k2p)
         bound = out["status"] == STATUS_BOUND_HIT
-    wt = w if tstar is None else np.where(frames.mid_min >= tstar, w, 0.0)
+    wt = _used_weights(frames, w, tstar)
     info["n_frames_used"] = int(np.count_nonzero(wt > 0))
     status = np.asarray(out["status"], dtype=np.int8)
     warn_status(model, status)
