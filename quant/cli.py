@@ -249,7 +249,7 @@ def cmd_map(args) -> list[Path]:
 
     pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, pet.data, mask=mask,
                          threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
-                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life)
+                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, progress=not args.quiet)
     prefix = str(args.out_prefix)
     side = {
         "Sources": [str(args.image), str(args.atlas)],
@@ -266,16 +266,24 @@ def cmd_map(args) -> list[Path]:
     written = []
     for name, arr in pm.maps.items():
         suffix = MAP_SUFFIX.get(name, name)
+        if name.endswith("per_min"):
+            units = "1/min"
+        elif name == "residual":
+            units = "min (Logan plot)" if args.model == "logan" else "Bq/mL"
+        else:
+            units = "unitless"
         written.append(save_nifti(f"{prefix}_{suffix}.nii.gz", np.asarray(arr, dtype=np.float32), pet.affine,
-                                  {**side, "Description": f"{args.model} parametric map {name}",
-                                   "Units": "1/min" if name.endswith("per_min") else "unitless"}))
+                                  {**side, "Description": f"{args.model} parametric map {name}", "Units": units}))
     status = np.asarray(pm.status)
     written.append(save_nifti(f"{prefix}_status.nii.gz", status.astype(np.int16), pet.affine,
                               {**side, "Description": "fit status per voxel (0 ok)",
+                               "StatusCodes": {str(k): v for k, v in (getattr(pm, "status_names", None) or {}).items()},
                                "Info": getattr(pm, "info", {})}))
-    n_bad = int(np.sum(status != 0) - (0 if mask is None else np.sum(~mask & (status != 0))))
+    names = getattr(pm, "status_names", None) or {}
+    masked_codes = [int(k) for k, v in names.items() if str(v).startswith("masked")]
+    n_bad = int(np.sum((status != 0) & ~np.isin(status, masked_codes)))
     if n_bad:
-        logger.warning("%d voxel fit(s) inside the mask with non-zero status", n_bad)
+        logger.warning("%d fitted voxel(s) with non-zero status (see %s_status.nii.gz)", n_bad, prefix)
     if args.figure and "bp_nd" in pm.maps:
         from .figures import plot_map_montage
 

@@ -134,9 +134,10 @@ def _json_default(obj):
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+    if isinstance(obj, (Path, set, tuple)):
+        return str(obj) if isinstance(obj, Path) else list(obj)
+    # Metadata of unknown type (e.g. a module name object) is kept as its text.
+    return str(obj)
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:

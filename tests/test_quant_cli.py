@@ -1,7 +1,4 @@
 import json
-import sys
-import types
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -174,56 +171,64 @@ def test_bad_input_exit_code_2(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def _fake_models(monkeypatch, record):
-    """Stand-in for quant.models.parametric_maps (the real one was not on the branch yet)."""
-    mod = types.ModuleType("quant.models")
+def test_map_with_real_models(tmp_path, monkeypatch):
+    import quant.models
 
-    def parametric_maps(model, frame_start_s, frame_end_s, reference_tac, image_4d, *, mask=None, threshold=None,
-                        weights="none", tstar_min=None, k2prime_per_min=None, half_life_min=None, **options):
-        record.update(model=model, reference_tac=np.asarray(reference_tac), mask=mask, threshold=threshold,
-                      weights=weights, half_life_min=half_life_min, shape=image_4d.shape)
-        # known, simple map: ratio of last-frame target to reference minus 1
-        bp = image_4d[..., -1] / reference_tac[-1] - 1.0
-        if mask is not None:
-            bp = np.where(mask, bp, np.nan)
-        maps = {"bp_nd": bp, "r1": np.ones(bp.shape), "k2_per_min": np.full(bp.shape, 0.2),
-                "k2prime_per_min": np.full(bp.shape, np.nan)}
-        status = np.where(np.isfinite(bp), 0, 4).astype(np.int8)
-        return types.SimpleNamespace(maps=maps, status=status, info={"fake": True})
-
-    mod.parametric_maps = parametric_maps
-    monkeypatch.setitem(sys.modules, "quant.models", mod)
-
-
-def test_map_wiring_with_stand_in_model(tmp_path, monkeypatch):
     record = {}
-    _fake_models(monkeypatch, record)
+    real = quant.models.parametric_maps
+
+    def spy(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs):
+        record.update(reference_tac=np.asarray(reference_tac), **kwargs)
+        return real(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs)
+
+    monkeypatch.setattr(quant.models, "parametric_maps", spy)
     atlas, labels_tsv = write_atlas(tmp_path)
-    img = _subject_image(1.0, 2.0)
+    img = _subject_image(1.0, 2.0, r1=1.1)
     pet = write_pet(tmp_path, img, sidecar={"FrameTimesStart": FRAME_START_S.tolist(),
                                             "FrameDuration": FRAME_DUR_S_LIST, "TracerRadionuclide": "F18"})
     prefix = tmp_path / "sub-01_ses-baseline"
     assert main(["map", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--reference", "cerebellum",
-                 "--model", "srtm", "--weights", "counts", "--mask-regions", "putamen", "caudate",
+                 "--model", "bfsrtm", "--weights", "counts", "--mask-regions", "putamen", "caudate",
                  "--out-prefix", str(prefix), "--figure", str(tmp_path / "m.png"), "--quiet"]) == 0
     labels = atlas_labels()
-    np.testing.assert_allclose(record["reference_tac"], img[labels == 1].mean(axis=0), rtol=1e-6)
-    np.testing.assert_array_equal(record["mask"], (labels == 2) | (labels == 3))
+    inside = (labels == 2) | (labels == 3)
+    np.testing.assert_allclose(record["reference_tac"], img[labels == 1][0], rtol=1e-6)
+    np.testing.assert_array_equal(record["mask"], inside)
     assert record["half_life_min"] == pytest.approx(109.77) and record["weights"] == "counts"
     bp = nib.load(str(tmp_path / "sub-01_ses-baseline_bpnd.nii.gz"))
     np.testing.assert_array_equal(bp.affine, AFFINE)
-    expect = np.where((labels == 2) | (labels == 3), img[..., -1] / img[labels == 1][0, -1] - 1.0, np.nan)
-    np.testing.assert_allclose(bp.get_fdata(), expect, rtol=1e-5)
+    bpd = bp.get_fdata()
+    assert np.all(np.isnan(bpd[~inside]))
+    np.testing.assert_allclose(bpd[labels == 2], 1.0, rtol=0.05)
+    np.testing.assert_allclose(bpd[labels == 3], 2.0, rtol=0.05)
+    # every voxel equals the regional fit of its (identical) TAC
+    reg = quant.models.fit_model("bfsrtm", FRAME_START_S, FRAME_END_S, img[labels == 1][0],
+                                 np.stack([img[labels == 2][0], img[labels == 3][0]], axis=1),
+                                 weights="counts", half_life_min=109.77)
+    np.testing.assert_allclose(bpd[labels == 2], reg.parameters["bp_nd"][0], rtol=1e-5)
+    np.testing.assert_allclose(bpd[labels == 3], reg.parameters["bp_nd"][1], rtol=1e-5)
     for suffix in ("r1", "k2", "k2prime", "status"):
         assert (tmp_path / f"sub-01_ses-baseline_{suffix}.nii.gz").exists()
         assert (tmp_path / f"sub-01_ses-baseline_{suffix}.json").exists()
     assert (tmp_path / "m.png").stat().st_size > 5000
-    # baseline vs post maps through compare
-    assert main(["compare", "--baseline", str(prefix) + "_bpnd.nii.gz", "--post", str(prefix) + "_bpnd.nii.gz",
+    # a post-dose map with 30 % less binding through compare
+    post = bp.get_fdata() * 0.7
+    nib.save(nib.Nifti1Image(post.astype(np.float32), AFFINE), str(tmp_path / "post_bpnd.nii.gz"))
+    assert main(["compare", "--baseline", str(prefix) + "_bpnd.nii.gz", "--post", str(tmp_path / "post_bpnd.nii.gz"),
                  "--out-prefix", str(tmp_path / "d"), "--quiet"]) == 0
-    delta = nib.load(str(tmp_path / "d_delta-bpnd.nii.gz")).get_fdata()
-    assert np.all(delta[np.isfinite(delta)] == 0) and np.isfinite(delta).sum() == ((labels == 2) | (labels == 3)).sum()
+    pct = nib.load(str(tmp_path / "d_pctchange-bpnd.nii.gz")).get_fdata()
+    np.testing.assert_allclose(pct[inside], -30.0, atol=1e-3)
+    assert np.all(np.isnan(pct[~inside]))
     assert (tmp_path / "d_delta-bpnd.png").exists()
+
+
+def test_map_bad_reference_exit_2(tmp_path, capsys):
+    atlas, labels_tsv = write_atlas(tmp_path)
+    pet = write_pet(tmp_path, _subject_image(1.0, 2.0))
+    rc = main(["map", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--reference", "cerebelum",
+               "--model", "bfsrtm", "--out-prefix", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "region(s) ['cerebelum'] not in the label table; available regions: ['cerebellum'" in err
 
 
 FRAME_DUR_S_LIST = (FRAME_END_S - FRAME_START_S).tolist()
