@@ -363,7 +363,11 @@ def _finite_pairs(b, p):
     return b[ok], p[ok]
 
 
-def within_group_statistics(data: StudyData, confidence: float = 0.95) -> list[list]:
+#: Confidence level of every interval in the study tables (columns ``ci95_*``).
+CONFIDENCE = 0.95
+
+
+def within_group_statistics(data: StudyData) -> list[list]:
     """Rows of :data:`WITHIN_GROUP_COLUMNS`: per group and region, paired tests of the change."""
     rows = []
     groups = np.asarray(data.groups)
@@ -378,7 +382,7 @@ def within_group_statistics(data: StudyData, confidence: float = 0.95) -> list[l
             pct = percent_change(b, p)
             mean_pct = float(np.nanmean(pct)) if np.any(np.isfinite(pct)) else math.nan
             if b.size >= 2:
-                r = stats.paired_test(b, p, confidence)
+                r = stats.paired_test(b, p, CONFIDENCE)
                 block.append([g, region, b.size, b.mean(), p.mean(), r.mean_diff, r.sd_diff, r.ci_low, r.ci_high,
                               mean_pct, r.t, r.df, r.p_t, None, None, r.w, r.p_wilcoxon, r.wilcoxon_method,
                               None, None, r.cohens_dz, r.hedges_gz])
@@ -399,7 +403,7 @@ def within_group_statistics(data: StudyData, confidence: float = 0.95) -> list[l
 
 
 def interaction_statistics(data: StudyData, n_permutations: int = 10000, seed: int = 0,
-                           confidence: float = 0.95, group_pairs: Sequence[tuple[str, str]] | None = None,
+                           group_pairs: Sequence[tuple[str, str]] | None = None,
                            progress: bool = False) -> list[list]:
     """Rows of :data:`INTERACTION_COLUMNS`: group x time interaction per group pair and region.
 
@@ -414,7 +418,6 @@ def interaction_statistics(data: StudyData, n_permutations: int = 10000, seed: i
         Random relabelings (all relabelings are enumerated when fewer).
     seed : int
         Seed of the permutation generator.
-    confidence : float
     group_pairs : sequence of (str, str), optional
         Default: every pair of groups in participants.tsv order.
     progress : bool
@@ -440,7 +443,7 @@ def interaction_statistics(data: StudyData, n_permutations: int = 10000, seed: i
             da, db = da[np.isfinite(da)], db[np.isfinite(db)]
             nan = math.nan
             if da.size >= 2 and db.size >= 2:
-                w = stats.welch_t(da, db, confidence)
+                w = stats.welch_t(da, db, CONFIDENCE)
                 p_perm, n_used, exact = stats.permutation_test(da, db, n_permutations, np.random.default_rng(seed))
                 block.append([ga, gb, region, da.size, db.size, w.mean_a, w.mean_b, w.diff, w.ci_low, w.ci_high,
                               w.t, w.df, w.p, None, None, p_perm, n_used, exact, None, None, w.hedges_g])
@@ -494,6 +497,9 @@ def _voxelwise(study_dir: Path, data: StudyData, baseline_session: str, post_ses
                                            {**side, "Units": "unitless"})
         out[f"{g}_p"] = save_nifti(out_dir / f"group-{g}_stat-p_bpndchange.nii.gz", p, ref_aff,
                                    {**side, "Units": "p (two-sided, uncorrected)"})
+        out[f"{g}_pfdr"] = save_nifti(out_dir / f"group-{g}_stat-pfdr_bpndchange.nii.gz",
+                                      stats.benjamini_hochberg(p), ref_aff,
+                                      {**side, "Units": "p (two-sided, Benjamini-Hochberg FDR over tested voxels)"})
         if figures:
             from .figures import plot_change_montage
             out[f"{g}_tmap_png"] = plot_change_montage(out_dir / f"group-{g}_stat-t_bpndchange.png", t,
@@ -503,7 +509,7 @@ def _voxelwise(study_dir: Path, data: StudyData, baseline_session: str, post_ses
 
 def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_session: str = "postdose",
               group_column: str = "group", n_permutations: int = 10000, seed: int = 0,
-              confidence: float = 0.95, voxelwise: bool = False, figures: bool = True,
+              voxelwise: bool = False, figures: bool = True,
               progress: bool = False, result_pattern: str = "*_bpnd.tsv") -> dict[str, Path]:
     """Whole-study comparison: tables (TSV), figures (PNG), optional voxelwise maps.
 
@@ -536,10 +542,10 @@ def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_sessi
         out_dir / "subject_changes.tsv",
         ["participant_id", "group", "region", "bp_nd_baseline", "bp_nd_post", "delta_bp_nd", "percent_change"],
         subj_rows)
-    within = within_group_statistics(data, confidence)
+    within = within_group_statistics(data)
     out["within_group"] = write_table_tsv(out_dir / "within_group.tsv", WITHIN_GROUP_COLUMNS, within)
     if len(data.group_names) >= 2:
-        inter = interaction_statistics(data, n_permutations, seed, confidence, progress=progress)
+        inter = interaction_statistics(data, n_permutations, seed, progress=progress)
         out["group_by_time"] = write_table_tsv(out_dir / "group_by_time.tsv", INTERACTION_COLUMNS, inter)
     else:
         logger.warning("only one group (%s): no group x time interaction", data.group_names)
@@ -553,7 +559,7 @@ def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_sessi
                               for c in ("mean_delta_bp_nd", "ci95_low", "ci95_high"))
         out["region_changes_png"] = plot_region_changes(
             out_dir / "region_changes.png", data.region_names, series,
-            title=f"BP$_{{ND}}$ change ({post_session} - {baseline_session}), mean and {confidence:.0%} CI")
+            title=f"BP$_{{ND}}$ change ({post_session} - {baseline_session}), mean and {CONFIDENCE:.0%} CI")
     if voxelwise:
         out.update(_voxelwise(study_dir, data, baseline_session, post_session, out_dir, figures))
     return out

@@ -633,6 +633,8 @@ def load_pet(nifti_path: str | os.PathLike, json_path: str | os.PathLike | None 
             f"{nifti_path}: image has {shape[3]} frames on its time axis but {json_path} "
             f"FrameTimesStart/FrameDuration list {frame_start_s.size}"
         )
+    if "Units" not in sidecar:
+        logger.warning("%s: no 'Units' field; taking the image to be in Bq/mL", json_path)
     units = sidecar.get("Units", "Bq/mL")
     factor = _UNIT_TO_BQ_PER_ML.get(str(units).strip().lower())
     if factor is None:

@@ -198,3 +198,7 @@ def test_voxelwise_t_maps(tmp_path):
     ref = ss.ttest_rel(np.stack(maps_p[:3]), np.stack(maps_b[:3]), axis=0).statistic
     np.testing.assert_allclose(t, ref, rtol=1e-4)
     np.testing.assert_array_equal(nib.load(str(out["placebo_tmap"])).affine, AFFINE)
+    p = nib.load(str(out["drug_p"])).get_fdata()
+    q = nib.load(str(out["drug_pfdr"])).get_fdata()
+    np.testing.assert_allclose(q.ravel(), stats.benjamini_hochberg(p.ravel()), rtol=1e-5)
+    assert np.all(q >= p - 1e-7)
