@@ -133,6 +133,11 @@ def _status_name(status_names, code: int) -> str:
     return str(name).split(" ")[0] or str(code)
 
 
+def _to_host(a) -> np.ndarray:
+    """NumPy copy of a NumPy or CuPy array (maps come back on the device they were fitted on)."""
+    return a.get() if hasattr(a, "get") and type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
+
+
 def _read_optional_sidecar(path: Path) -> dict | None:
     from .io import read_json, sidecar_path_for
 
@@ -245,11 +250,19 @@ def cmd_map(args) -> list[Path]:
         if not mask.any():
             raise InputError(f"{args.atlas}: mask from atlas is empty")
     half_life = _resolve_half_life(args.half_life_min, pet.sidecar, args.json or args.image)
+    xp = None
+    if args.device == "gpu":
+        import importlib.util
+
+        if importlib.util.find_spec("cupy") is None:
+            raise InputError("--device gpu needs CuPy (pip install 'petbind[gpu]' or cupy-cuda12x); use --device cpu")
+        xp = "cupy"
     from quant.models import parametric_maps
 
     pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, pet.data, mask=mask,
                          threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
-                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, progress=not args.quiet)
+                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, xp=xp,
+                         progress=not args.quiet)
     prefix = str(args.out_prefix)
     side = {
         "Sources": [str(args.image), str(args.atlas)],
@@ -272,9 +285,9 @@ def cmd_map(args) -> list[Path]:
             units = "min (Logan plot)" if args.model == "logan" else "Bq/mL"
         else:
             units = "unitless"
-        written.append(save_nifti(f"{prefix}_{suffix}.nii.gz", np.asarray(arr, dtype=np.float32), pet.affine,
+        written.append(save_nifti(f"{prefix}_{suffix}.nii.gz", _to_host(arr).astype(np.float32), pet.affine,
                                   {**side, "Description": f"{args.model} parametric map {name}", "Units": units}))
-    status = np.asarray(pm.status)
+    status = _to_host(pm.status)
     written.append(save_nifti(f"{prefix}_status.nii.gz", status.astype(np.int16), pet.affine,
                               {**side, "Description": "fit status per voxel (0 ok)",
                                "StatusCodes": {str(k): v for k, v in (getattr(pm, "status_names", None) or {}).items()},
@@ -288,7 +301,7 @@ def cmd_map(args) -> list[Path]:
         from .figures import plot_map_montage
 
         anatomy = pet.data.mean(axis=3)
-        written.append(plot_map_montage(args.figure, np.asarray(pm.maps["bp_nd"], dtype=float), anatomy=anatomy,
+        written.append(plot_map_montage(args.figure, _to_host(pm.maps["bp_nd"]).astype(float), anatomy=anatomy,
                                         title=f"{args.model.upper()} BP$_{{ND}}$"))
     return written
 
@@ -410,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-atlas-mask", action="store_true", help="do not mask with the atlas (use --threshold)")
     p.add_argument("--threshold", type=float, default=None,
                    help="skip voxels whose mean activity is below this (Bq/mL), passed to the model")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="fit on the CPU (NumPy) or on a CUDA GPU (CuPy); default cpu")
     p.add_argument("--out-prefix", required=True, help="output path prefix")
     p.add_argument("--figure", default=None, help="optional PNG montage of BP_ND over the mean PET image")
     p.set_defaults(func=cmd_map)

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import nibabel as nib
 import numpy as np
@@ -220,6 +221,15 @@ def test_map_with_real_models(tmp_path, monkeypatch):
     np.testing.assert_allclose(pct[inside], -30.0, atol=1e-3)
     assert np.all(np.isnan(pct[~inside]))
     assert (tmp_path / "d_delta-bpnd.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy installed: the no-CuPy error path cannot run")
+def test_map_gpu_without_cupy_exit_2(tmp_path, capsys):
+    atlas, labels_tsv = write_atlas(tmp_path)
+    pet = write_pet(tmp_path, _subject_image(1.0, 2.0))
+    rc = main(["map", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--reference", "cerebellum",
+               "--model", "bfsrtm", "--device", "gpu", "--out-prefix", str(tmp_path / "m")])
+    assert rc == 2 and "--device gpu needs CuPy" in capsys.readouterr().err
 
 
 def test_map_bad_reference_exit_2(tmp_path, capsys):
