@@ -196,15 +196,14 @@ def cmd_fit(args) -> list[Path]:
     params = {k: _per_target(res.parameters.get(k), n) for k in _PARAMS}
     ses = {k: _per_target((res.standard_errors or {}).get(k), n) for k in _PARAMS}
     status = _per_target(res.status, n, default=-1).astype(int)
-    bound = getattr(res, "bound_hit", None)
-    bound_arr = _per_target(bound, n, default=False) if not isinstance(bound, dict) else None
+    bound = _per_target(getattr(res, "bound_hit", None), n, default=False).astype(bool)
     columns = FIT_COLUMNS + ["status_name"] + [f"se_{k}" for k in _PARAMS] + ["bound_hit", "reference"]
     rows = []
     for i, name in enumerate(names):
         rows.append([name, res.model, *(params[k][i] for k in _PARAMS), int(status[i]),
                      _status_name(getattr(res, "status_names", None), int(status[i])),
                      *(ses[k][i] for k in _PARAMS),
-                     bool(bound_arr[i]) if bound_arr is not None else "n/a", args.reference])
+                     bool(bound[i]), args.reference])
     out = write_table_tsv(args.out, columns, rows)
     n_bad = int(np.sum(status != 0))
     if n_bad:

@@ -1,7 +1,5 @@
-import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 
