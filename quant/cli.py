@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  DIR/sub-<id>/ses-<post>/**/*_bpnd.tsv\n"
             "  DIR/sub-<id>/ses-<session>/**/*_bpnd.nii.gz  BP_ND maps (only for --voxelwise)\n"
             "-> OUT/subject_changes.tsv, within_group.tsv (paired t, Wilcoxon, 95% CI, d_z, g_z, Holm, BH),\n"
-            "   group_by_time.tsv (Welch t, permutation p, Hedges g, Holm, BH), region_changes.png."
+            "   group_by_time.tsv (Welch t, permutation p, Hedges g, Holm, BH), region_changes.png;\n"
+            "   with --voxelwise group-<g>_stat-{t,meandelta,p,pfdr}_bpndchange.nii.gz per group."
         ))
     p.add_argument("--baseline", default=None, help="baseline fit TSV or BP_ND map")
     p.add_argument("--post", default=None, help="post-dose fit TSV or BP_ND map")

@@ -19,7 +19,9 @@ Per study: the layout read by ``petbind-quant compare --study DIR``
 
 ``participant_id`` may be given with or without the ``sub-`` prefix.  Each
 subject/session folder must hold exactly one ``*_bpnd.tsv`` (searched
-recursively); every subject must list the same regions.  The session names
+recursively; another glob, e.g. ``*_model-srtm_bpnd.tsv``, via
+``result_pattern`` / ``--result-pattern``); every subject must list the same
+regions.  The session names
 default to ``baseline`` and ``postdose``.
 
 Statistics (see :mod:`quant.stats` for formulas and effect-size choice)
