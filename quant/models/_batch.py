@@ -65,7 +65,8 @@ def _parabola_vertex(x0, x1, x2, y0, y1, y2, xp):
 
 
 def _grid_search(expl, theta3, xp):
-    """Best basis per target (maximum explained sum of squares = minimum RSS)
+    """Best basis per target (``expl``: explained sum of squares up to a
+    per-target constant; maximum = minimum RSS)
     and the parabolic vertex of ``RSS(log theta3)`` through it and its two
     neighbours.  Returns ``j``, ``edge`` flag, the clipped centre ``jc`` and
     Lagrange weights ``(l0, l1, l2)`` of the vertex on nodes ``jc-1..jc+1``."""
@@ -123,15 +124,16 @@ def bfsrtm(frames, ref, w, Y, xp, theta3, refine=True):
     det = g11 * g22 - g12**2
     x_B, x_w, x_ref, x_wr = xp.asarray(B), xp.asarray(w), xp.asarray(ref), xp.asarray(wr)
     a = Y @ x_wr
-    bb = Y @ (x_B * x_w).T  # (nt, nb)
-    # Explained sum of squares z^T G^-1 z for z = (a, b_j): the RSS is
-    # yy - explained, so the best basis is the argmax (no per-basis solve).
-    expl = (a * a)[:, None] * xp.asarray(g22 / det)
-    expl -= (a[:, None] * xp.asarray(2 * g12 / det)) * bb
-    expl += bb * bb * xp.asarray(g11 / det)
-    j, edge, jc, th3_ref, lag = _grid_search(expl, theta3, xp)
-    del expl
-    bj = xp.take_along_axis(bb, j[:, None], axis=1)[:, 0]
+    # Each basis orthogonalised (weighted) against C_R and normalised:
+    # Bt_j = (B_j - (g12_j/g11) C_R) / |.|_w.  Then RSS_j = yy - a^2/g11 - c_j^2
+    # with c_j = <Y, Bt_j>_w, so one matrix product and a square rank all bases.
+    Bt = B - (g12 / g11)[:, None] * ref[None, :]
+    Bt /= np.sqrt((Bt * Bt) @ w)[:, None]
+    c = Y @ xp.asarray(Bt * w).T  # (nt, nb)
+    c *= c
+    j, edge, jc, th3_ref, lag = _grid_search(c, theta3, xp)
+    del c
+    bj = xp.sum(Y * x_B[j] * x_w, axis=1)
     g12x, g22x, detx = xp.asarray(g12)[j], xp.asarray(g22)[j], xp.asarray(det)[j]
     t1 = (g22x * a - g12x * bj) / detx
     t2 = (g11 * bj - g12x * a) / detx
@@ -188,11 +190,12 @@ def srtm2(frames, ref, w, Y, xp, theta3, k2prime, refine=True):
     X = ref[None, :] + (k2prime - theta3)[:, None] * B
     xx = (X * X) @ w
     x_X, x_w, x_ref, x_B = xp.asarray(X), xp.asarray(w), xp.asarray(ref), xp.asarray(B)
-    xy = Y @ (x_X * x_w).T
-    expl = xy * xy * xp.asarray(1.0 / xx)
-    j, edge, jc, th3_ref, lag = _grid_search(expl, theta3, xp)
-    del expl
-    r1 = xp.take_along_axis(xy, j[:, None], axis=1)[:, 0] / xp.asarray(xx)[j]
+    # RSS_j = yy - <Y, X_j>_w^2 / |X_j|_w^2: rank bases by the square of one product.
+    c = Y @ xp.asarray(X * w / np.sqrt(xx)[:, None]).T
+    c *= c
+    j, edge, jc, th3_ref, lag = _grid_search(c, theta3, xp)
+    del c
+    r1 = xp.sum(Y * x_X[j] * x_w, axis=1) / xp.asarray(xx)[j]
     t3 = xp.asarray(theta3)[j]
     fitted = r1[:, None] * x_X[j]
     rss = ((Y - fitted) ** 2) @ x_w
