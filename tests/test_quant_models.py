@@ -119,6 +119,21 @@ def test_srtm_forward_reduces_to_reference_and_matches_1tc_ode(srtm_data):
         np.testing.assert_allclose(pred[6:], tacs[6:, i], rtol=5e-3)
 
 
+def test_srtm_jacobian_matches_finite_differences(srtm_data):
+    from quant.models.fit import srtm_jacobian
+
+    ref, _ = srtm_data
+    f = Frames(START_S, END_S)
+    p = np.array([[1.1, 0.2, 1.3], [0.7, 0.08, 0.4]])
+    J = srtm_jacobian(f, ref, p[:, 0], p[:, 1], p[:, 2])
+    for t in range(2):
+        for i in range(3):
+            h = np.zeros(3)
+            h[i] = 1e-6 * p[t, i]
+            fd = (srtm_forward(START_S, END_S, ref, *(p[t] + h)) - srtm_forward(START_S, END_S, ref, *(p[t] - h)))
+            np.testing.assert_allclose(J[t, :, i], fd / (2 * h[i]), rtol=1e-5, atol=1e-6 * np.abs(fd).max() / h[i])
+
+
 # ----------------------------------------------------- recovery: SRTM data
 @pytest.mark.parametrize("model", ["srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan"])
 def test_recovers_bp_on_srtm_consistent_data(srtm_data, model):

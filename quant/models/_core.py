@@ -386,5 +386,5 @@ def warn_status(model, status):
     if parts:
         n_fit = int(np.count_nonzero(st != STATUS_MASKED))
         msg = f"{model}: {', '.join(parts)} out of {n_fit} fitted targets (see status; failed targets are NaN)"
-        logger.warning(msg)
+        logger.info(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)

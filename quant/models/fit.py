@@ -13,12 +13,13 @@ from ._core import (
     STATUS_NAMES,
     STATUS_OK,
     Frames,
+    conv_per_target,
     make_weights,
     to_numpy,
     validate_reference,
     warn_status,
 )
-from .srtm import SRTM_LOWER, SRTM_UPPER, _srtm_frames, covariance, fit_srtm_nls, numeric_jacobian
+from .srtm import SRTM_LOWER, SRTM_UPPER, fit_srtm_nls
 
 logger = logging.getLogger("quant.models")
 
@@ -217,46 +218,69 @@ def _run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
     raise ValueError(f"model {model!r} has no batched implementation")
 
 
+def srtm_jacobian(frames, ref, r1, k2_per_min, bp_nd):
+    """Analytic Jacobian of the frame-mean SRTM output for many targets.
+
+    Returns ndarray (n_targets, n_frames, 3): derivatives with respect to
+    ``(R1, k2, BP_ND)``.  With ``A = k2 - R1 k2a`` and ``B = C_R (x)
+    exp(-k2a t)``: ``df/dR1 = C_R - k2a B``, ``df/dk2 = B + (A dB/dk2a - R1 B)
+    / (1+BP)``, ``df/dBP = -(A dB/dk2a - R1 B) k2a / (1+BP)``; ``dB/dk2a`` by
+    central differences of the exact frame-mean convolution.
+    """
+    k2a = k2_per_min / (1.0 + bp_nd)
+    h = 1e-5 * k2a
+    B = conv_per_target(frames, ref, k2a, np)
+    dB = (conv_per_target(frames, ref, k2a + h, np) - conv_per_target(frames, ref, k2a - h, np)) / (2 * h)[:, None]
+    A = k2_per_min - r1 * k2a
+    core = (A[:, None] * dB - r1[:, None] * B) / (1.0 + bp_nd)[:, None]
+    j_r1 = ref[None, :] - k2a[:, None] * B
+    j_k2 = B + core
+    j_bp = -core * k2a[:, None]
+    return np.stack([j_r1, j_k2, j_bp], axis=2)
+
+
 def _jacobian_se(model, frames, ref, wt, out, k2p):
     """Standard errors from the Jacobian of the SRTM operational equation at
-    the estimate, ``cov = s^2 (J^T W J)^-1`` (regional fits only).
+    the estimate, ``cov = s^2 (J^T W J)^-1``, ``s^2 = RSS_w / (n - p)``.
 
     BF-SRTM and MRTM give (R1, k2, BP_ND); SRTM2 and MRTM2 give (R1, BP_ND)
     with ``k2 = R1 k2'``.  For MRTM/MRTM2 this is the asymptotic error of
     the SRTM estimate at the same parameters: ordinary least-squares errors
     of the linear form treat the noisy running integral of ``C_T`` as exact
     and came out about three times too small in Monte Carlo checks.  Only
-    frames with positive weight (after t*) enter.
+    frames with positive weight (after t*) enter.  Batched over targets.
     """
     p = out["params"]
     n_used = int(np.count_nonzero(wt > 0))
-    sw = np.sqrt(wt)
     three = model in ("bfsrtm", "mrtm")
-    for i in range(p["bp_nd"].size):
-        if not (np.isfinite(p["bp_nd"][i]) and p["bp_nd"][i] > -1 and np.isfinite(out["rss"][i])):
-            continue
-        if three:
-            x = np.array([p["r1"][i], p["k2_per_min"][i], p["bp_nd"][i]])
-
-            def fun(q):
-                return sw * _srtm_frames(frames, ref, q[0], q[1], q[2])
-
-        else:
-            x = np.array([p["r1"][i], p["bp_nd"][i]])
-
-            def fun(q):
-                return sw * _srtm_frames(frames, ref, q[0], q[0] * k2p, q[1])
-
+    n_par = 3 if three else 2
+    ok = np.isfinite(p["bp_nd"]) & (p["bp_nd"] > -1) & np.isfinite(out["rss"]) & (p["k2_per_min"] > 0)
+    if not np.any(ok) or n_used <= n_par:
+        return
+    r1, k2, bp = p["r1"][ok], p["k2_per_min"][ok], p["bp_nd"][ok]
+    J = srtm_jacobian(frames, ref, r1, k2, bp)
+    if not three:
+        J = np.stack([J[:, :, 0] + k2p * J[:, :, 1], J[:, :, 2]], axis=2)
+    J = J * np.sqrt(wt)[None, :, None]
+    G = np.einsum("tfi,tfj->tij", J, J)
+    cov = np.full(G.shape, np.nan)
+    for i in range(G.shape[0]):  # 3x3 inverses; a singular one must not poison the rest
+        try:
+            cov[i] = np.linalg.inv(G[i])
+        except np.linalg.LinAlgError:
+            pass
+    cov *= (out["rss"][ok] / (n_used - n_par))[:, None, None]
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    idx = np.nonzero(ok)[0]
+    if three:
+        out["se"]["r1"][idx], out["se"]["k2_per_min"][idx], out["se"]["bp_nd"][idx] = se.T
+        g = np.stack([-k2 / r1**2, 1.0 / r1, np.zeros_like(r1)], axis=1)  # d(k2/R1)
         with np.errstate(invalid="ignore"):
-            cov = covariance(numeric_jacobian(fun, x), out["rss"][i], n_used)
-            se = np.sqrt(np.diag(cov))
-        if three:
-            out["se"]["r1"][i], out["se"]["k2_per_min"][i], out["se"]["bp_nd"][i] = se
-            g = np.array([-x[1] / x[0] ** 2, 1.0 / x[0], 0.0])  # d(k2/R1)
-            out["se"]["k2prime_per_min"][i] = np.sqrt(g @ cov @ g)
-        else:
-            out["se"]["r1"][i], out["se"]["bp_nd"][i] = se
-            out["se"]["k2_per_min"][i] = se[0] * k2p
+            out["se"]["k2prime_per_min"][idx] = np.sqrt(np.einsum("ti,tij,tj->t", g, cov, g))
+    else:
+        out["se"]["r1"][idx], out["se"]["bp_nd"][idx] = se.T
+        out["se"]["k2_per_min"][idx] = se[:, 0] * k2p
 
 
 def _as_targets(target_tacs, n_frames):

@@ -277,6 +277,8 @@ def parametric_maps(
         sel = sel & ~(mean_act < thr)
     idx = xp.nonzero(sel)[0]
     n_fit = int(idx.size)
+    # Contiguous selection (no mask): slices avoid gather/scatter copies.
+    contiguous = n_fit == n_vox_all
     info = {
         "model": model,
         "tstar_min": tstar,
@@ -309,7 +311,7 @@ def parametric_maps(
     flat = {}
     status = xp.full(n_vox_all, STATUS_MASKED, dtype=xp.int8)
     for start in tqdm(range(0, n_fit, chunk), desc=f"{model} maps", unit="chunk", disable=not progress):
-        ii = idx[start : start + chunk]
+        ii = slice(start, min(start + chunk, n_fit)) if contiguous else idx[start : start + chunk]
         Y = img2d[ii].astype(xp.float64)
         if model == "srtm":
             Yh = to_numpy(Y)

@@ -89,18 +89,6 @@ def srtm_forward(frame_start_s, frame_end_s, reference_tac, r1, k2_per_min, bp_n
     return _srtm_frames(frames, ref, float(r1), float(k2_per_min), float(bp_nd))
 
 
-def numeric_jacobian(fun, p):
-    """Central-difference Jacobian of ``fun`` at ``p`` (n_out, n_par)."""
-    p = np.asarray(p, dtype=np.float64)
-    cols = []
-    for i in range(p.size):
-        h = 1e-6 * max(abs(p[i]), 1e-3)
-        dp = np.zeros_like(p)
-        dp[i] = h
-        cols.append((fun(p + dp) - fun(p - dp)) / (2 * h))
-    return np.stack(cols, axis=1)
-
-
 def covariance(jac_w, rss, n_used):
     """Parameter covariance ``s^2 (J^T J)^-1`` from the Jacobian of the
     weighted residuals, ``s^2 = RSS_w / (n_used - p)``; NaN if singular."""
