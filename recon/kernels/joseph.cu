@@ -70,13 +70,14 @@ PB_DEVICE void joseph_sample(const JosephRay& r, int i, Op& op) {
         if (!(b1 && c1)) idx[3] = -1;
     }
     const float w[4] = {(1.0f - wb) * (1.0f - wc), wb * (1.0f - wc), (1.0f - wb) * wc, wb * wc};
-    op(idx, w, r.step_mm, (r.t0 + i * r.dt - 0.5f) * r.length);
+    op.template sample<Checked>(idx, w, r.step_mm, (r.t0 + i * r.dt - 0.5f) * r.length);
 }
 
 // ---------------------------------------------------------------------------
-// The ray walker.  `Op` receives each sample: the four neighbouring voxel
-// flat indices (-1 when outside the image), their bilinear weights, the
-// sample's ray length (mm) and its signed distance from the LOR midpoint (mm).
+// The ray walker.  `Op::sample<Checked>` receives each sample: the four
+// neighbouring voxel flat indices (-1 when outside the image; only possible
+// when Checked), their bilinear weights, the sample's ray length (mm) and its
+// signed distance from the LOR midpoint (mm).
 // ---------------------------------------------------------------------------
 template <class Op>
 PB_DEVICE void joseph_walk(const float* start, const float* end, const float* image_origin, const float* voxel_size,
@@ -181,10 +182,11 @@ PB_DEVICE float tof_weight_single(int k, float x, int k0, int k1, const TofParam
 struct ForwardOp {
     const float* image;
     float sum;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float) {
         float v = 0.0f;
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) v += w[q] * image[idx[q]];
+            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
         sum += v * step_mm;
     }
 };
@@ -192,10 +194,11 @@ struct ForwardOp {
 struct BackOp {
     float* image;
     float value;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float) {
         const float s = value * step_mm;
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
     }
 };
 
@@ -204,10 +207,11 @@ struct ForwardTofAllOp {
     const float* image;
     float* out;
     TofParams tof;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float x) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
         float v = 0.0f;
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) v += w[q] * image[idx[q]];
+            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
         if (v == 0.0f) return;
         int k0, k1;
         if (!tof_window(x, tof, k0, k1)) return;
@@ -227,7 +231,8 @@ struct BackTofAllOp {
     float* image;
     const float* values;
     TofParams tof;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float x) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1)) return;
         float lower = tof_cdf(tof_bin_lower_edge(k0, tof), x, tof);
@@ -242,7 +247,7 @@ struct BackTofAllOp {
         const float s = acc * step_mm / total;
         if (s == 0.0f) return;
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
     }
 };
 
@@ -252,12 +257,13 @@ struct ForwardTofOneOp {
     int bin;
     float sum;
     TofParams tof;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float x) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1) || bin < k0 || bin > k1) return;
         float v = 0.0f;
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) v += w[q] * image[idx[q]];
+            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
         sum += v * step_mm * tof_weight_single(bin, x, k0, k1, tof);
     }
 };
@@ -267,12 +273,13 @@ struct BackTofOneOp {
     int bin;
     float value;
     TofParams tof;
-    PB_METHOD void operator()(const int* idx, const float* w, float step_mm, float x) {
+    template <bool Checked>
+    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1) || bin < k0 || bin > k1) return;
         const float s = value * step_mm * tof_weight_single(bin, x, k0, k1, tof);
         for (int q = 0; q < 4; ++q)
-            if (idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
     }
 };
 
