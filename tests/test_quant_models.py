@@ -158,6 +158,17 @@ def test_recovers_bp_on_srtm_consistent_data(srtm_data, model):
     assert res.fitted.shape == (len(START_S), 4)
 
 
+def test_first_pass_uses_only_targets_with_positive_bp():
+    # Two binding targets (k2/R1 = k2'), three with BP_ND < 0 whose k2/R1 is
+    # twice k2' (they would pull a plain median to 0.3).
+    good = srtm_targets([1.0, 0.9], [1.0, 2.0])
+    bad = [(r * K1_REF, 2 * r * K2_REF / (1 + b), 0.0, 1.0) for r, b in zip([1.0, 1.1, 0.9], [-0.3, -0.4, -0.2])]
+    ref, tacs = simulate(good + bad)
+    res = fit_model("srtm2", START_S, END_S, ref, tacs)
+    assert res.info["k2prime_per_min"] == pytest.approx(K2_REF, rel=0.01)
+    assert "over 2 targets" in res.info["k2prime_source"]
+
+
 def test_given_k2prime_is_used(srtm_data):
     ref, tacs = srtm_data
     a = fit_model("mrtm2", START_S, END_S, ref, tacs, k2prime_per_min=K2_REF)
@@ -406,6 +417,18 @@ def test_maps_equal_regional_fit_per_voxel(model):
     # Noise 2 %: maps still track the truth on average.
     ok = mask & (pm.status == 0)
     assert abs(np.nanmedian(pm.maps["bp_nd"][ok] / bp[ok]) - 1) < 0.1
+
+
+@pytest.mark.parametrize("model", ["bfsrtm", "mrtm2"])
+def test_unmasked_maps_equal_one_regional_fit_of_all_voxels(model):
+    rng = np.random.default_rng(15)
+    ref, img, _ = _phantom(rng, shape=(4, 3, 2))
+    kp = 0.15 if model == "mrtm2" else None
+    pm = parametric_maps(model, START_S, END_S, ref, img, k2prime_per_min=kp, chunk_size=5, progress=False)
+    res = fit_model(model, START_S, END_S, ref, img.reshape(-1, len(START_S)).T, k2prime_per_min=kp)
+    for name in ("bp_nd", "r1", "k2_per_min"):
+        np.testing.assert_allclose(pm.maps[name].ravel(), res.parameters[name], rtol=1e-9)
+    np.testing.assert_array_equal(pm.status.ravel(), res.status)
 
 
 def test_maps_threshold_and_first_pass():
