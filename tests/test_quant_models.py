@@ -322,6 +322,28 @@ def test_grid_edge_is_flagged_as_bound_hit(srtm_data):
     assert np.all(np.isfinite(res.parameters["bp_nd"]))
 
 
+def test_srtm_bound_is_flagged(srtm_data):
+    ref, tacs = srtm_data
+    with pytest.warns(RuntimeWarning, match="bound_hit"):
+        res = fit_model("srtm", START_S, END_S, ref, tacs, upper=(10.0, 10.0, 1.2))
+    # BP 1.5 and 2.0 exceed the upper bound 1.2: kept at the bound and flagged.
+    assert res.bound_hit.tolist() == [False, False, True, True]
+    assert res.status.tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(res.parameters["bp_nd"][2:], 1.2, rtol=1e-6)
+    np.testing.assert_allclose(res.parameters["bp_nd"][:2], BP_TRUE[:2], rtol=0.01)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import quant.models.fit
+    import quant.models.srtm
+
+    for mod in (quant.models.fit, quant.models.srtm):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

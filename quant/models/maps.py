@@ -205,7 +205,7 @@ def parametric_maps(
         taken at a fixed stride (deterministic), median over BP_ND > 0.
     xp : module or {"numpy", "cupy"}, optional
         Array namespace; default: that of ``image_4d``.  A NumPy image with
-        ``xp=cupy`` is copied to the GPU once, chunk by chunk.
+        ``xp=cupy`` is copied to the GPU once, up front.
     **options
         The model options of :func:`fit_model`, plus ``chunk_size`` (voxels
         per batch, default 16384; bounds memory to about
