@@ -290,7 +290,7 @@ def parametric_maps(
         "n_voxels_fitted": n_fit,
         "device": "gpu" if xp.__name__ == "cupy" else "cpu",
         "threshold_bq_per_ml": None if threshold is None else float(threshold),
-        "units": UNITS,
+        "units": dict(UNITS),
     }
     if n_fit == 0:
         raise ValueError("mask/threshold: no voxel left to fit")
