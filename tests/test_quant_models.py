@@ -212,6 +212,10 @@ def tc2_data():
         ("srtm", None, 0.05),
         ("bfsrtm", None, 0.05),
         ("mrtm", 0.0, 0.05),
+        # SRTM2 as Wu & Carson (2002) run it: k2' from the SRTM/BF-SRTM first
+        # pass (median over these same 2TC targets, itself biased), then SRTM
+        # with k2' fixed: two errors of the 5 % class above add up to 10 %.
+        ("srtm2", None, 0.10),
         # MRTM with t* (Ichise 2003) drops the early frames where the 2TC
         # target departs from the 1TC integral equation: 2 %.
         ("mrtm", 20.0, 0.02),
@@ -226,6 +230,8 @@ def test_two_tissue_target_bias_within_literature_bound(tc2_data, model, tstar, 
     ref, tacs = tc2_data
     k2p = K2_REF if model in ("mrtm2", "logan") else None
     res = fit_model(model, START_S, END_S, ref, tacs, weights="duration", tstar_min=tstar, k2prime_per_min=k2p)
+    if model == "srtm2":
+        assert "first pass" in res.info["k2prime_source"]
     np.testing.assert_allclose(res.parameters["bp_nd"], BP_2TC, rtol=rtol)
 
 
