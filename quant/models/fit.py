@@ -407,7 +407,7 @@ def fit_model(
         "k2prime_source": "given" if k2p is not None else None,
         "theta3_grid_per_min": None if grid is None else grid.tolist(),
         "weights": weights if isinstance(weights, str) else "array",
-        "units": UNITS,
+        "units": dict(UNITS),
     }
     if model in _USES_K2PRIME and k2p is None:
         k2p, n_fp = first_pass_k2prime(frames, ref, w, Y, np, grid, refine)

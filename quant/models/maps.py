@@ -205,7 +205,7 @@ def parametric_maps(
         taken at a fixed stride (deterministic), median over BP_ND > 0.
     xp : module or {"numpy", "cupy"}, optional
         Array namespace; default: that of ``image_4d``.  A NumPy image with
-        ``xp=cupy`` is copied to the GPU once, chunk by chunk.
+        ``xp=cupy`` is copied to the GPU once, up front.
     **options
         The model options of :func:`fit_model`, plus ``chunk_size`` (voxels
         per batch, default 16384; bounds memory to about
@@ -290,7 +290,7 @@ def parametric_maps(
         "n_voxels_fitted": n_fit,
         "device": "gpu" if xp.__name__ == "cupy" else "cpu",
         "threshold_bq_per_ml": None if threshold is None else float(threshold),
-        "units": UNITS,
+        "units": dict(UNITS),
     }
     if n_fit == 0:
         raise ValueError("mask/threshold: no voxel left to fit")
