@@ -24,12 +24,13 @@ value ranges, and every error names the file and the field.
 from __future__ import annotations
 
 import bisect
+import datetime as _dt
 import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
-from typing import Iterator, Optional
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -225,6 +226,26 @@ class ExamInfo:
         self.energy_window_kev = ew
         if not (math.isnan(self.half_life_s) or self.half_life_s > 0):
             raise ValueError(f"ExamInfo.half_life_s must be positive; got {self.half_life_s}")
+        self.injection_time = str(self.injection_time)
+        if self.injection_time:
+            try:
+                _dt.datetime.fromisoformat(self.injection_time)
+            except ValueError:
+                raise ValueError(
+                    f"ExamInfo.injection_time must be ISO 8601 like '2026-01-01T10:00:00'; got {self.injection_time!r}"
+                ) from None
+
+    def __eq__(self, other):
+        # NaN marks "unknown" and equals NaN here, so round trips compare equal
+        if not isinstance(other, ExamInfo):
+            return NotImplemented
+        for fl in fields(self):
+            a, b = getattr(self, fl.name), getattr(other, fl.name)
+            if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+                continue
+            if a != b:
+                return False
+        return True
 
     @property
     def decay_constant_per_s(self):
@@ -591,8 +612,6 @@ class ListmodeWriter:
             _write_scanner(f.create_group("scanner"), scanner)
             _write_tof(f, tof)
             exam._write(f.create_group("exam"))
-            if corrections is not None:
-                corrections._write(f.create_group("corrections"))
             g = f.create_group("listmode")
             rows = min(chunk_events, 1 << 16)
             opts = dict(compression=compression, shuffle=compression is not None)
@@ -637,6 +656,18 @@ class ListmodeWriter:
         if self._buffered >= self.chunk_events:
             self._flush()
 
+    def set_corrections(self, corrections):
+        """Replace the correction inputs (written when the file is closed).
+
+        Useful when they become known only while streaming, e.g. PETSIRD
+        singles blocks interleaved with the events.
+        """
+        if corrections is not None:
+            if not isinstance(corrections, ListmodeCorrections):
+                raise TypeError(f"corrections must be ListmodeCorrections or None; got {type(corrections).__name__}")
+            corrections.validate(self.scanner.num_detectors, where=f"{self.path} (writing)")
+        self.corrections = corrections
+
     def _flush(self):
         if not self._buffer:
             return
@@ -661,6 +692,8 @@ class ListmodeWriter:
         try:
             self._flush()
             self._file["listmode"].attrs["num_events"] = self.num_events
+            if self.corrections is not None:
+                self.corrections._write(self._file.create_group("corrections"))
             self._file.close()
             self._atomic.commit()
         except BaseException:

@@ -237,3 +237,17 @@ def test_sinogram_round_trip(tmp_path):
         f["sinograms"].create_dataset("normalisation", data=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="sino.h5.*sinograms/normalisation"):
         read_sinograms_h5(path)
+
+
+def test_exam_defaults_round_trip_and_validation(tmp_path):
+    sc = small_scanner()
+    path = tmp_path / "lm.h5"
+    with ListmodeWriter(path, sc):
+        pass
+    r = ListmodeReader(path)
+    assert r.exam == ExamInfo() and r.num_events == 0 and r.corrections is None
+    assert list(r.chunks()) == []
+    with pytest.raises(ValueError, match="injection_time"):
+        ExamInfo(injection_time="1 Jan 2026")
+    with pytest.raises(ValueError, match="half_life_s"):
+        ExamInfo(half_life_s=-1)

@@ -8,7 +8,7 @@ import pytest
 from scipy.integrate import quad
 
 from recon.geometry import Scanner, SinogramLayout, TOFParameters
-from recon.io import ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
+from recon.io import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
 from recon.listmode import (
     Frames,
     dead_time_factors,
@@ -189,6 +189,11 @@ def test_decay_factor_against_numerical_integration():
         assert decay_correction_factor(t0, t1, half, scan_start_s=start) == pytest.approx(expected, rel=1e-10)
     f = parse_frames("3x60s")
     np.testing.assert_allclose(decay_correction_factor(f.start_s, f.end_s, half), [decay_correction_factor(a, b, half) for a, b in f])
+    exam = ExamInfo(half_life_s=half, scan_start_s=30.0)
+    want = [(b - a) / quad(lambda t: math.exp(-lam * t), a + 30, b + 30, epsrel=1e-13)[0] for a, b in f]
+    np.testing.assert_allclose(f.decay_correction(exam), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="half_life_s"):
+        f.decay_correction(ExamInfo())
 
 
 def test_dead_time_models_recover_true_rate():
@@ -222,3 +227,25 @@ def test_frame_singles_and_dead_time():
     per_det = 1 / (1 - rate * tau)
     pairs = np.einsum("fi,fj->fij", per_det, per_det).mean(axis=(1, 2))
     np.testing.assert_allclose(fac, pairs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tof_bins", [None, 5])
+def test_histogram_gpu_matches_cpu(tmp_path, tof_bins):
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(4)
+    sc = scanners()[1]
+    layout = SinogramLayout(sc, 9, 3, 3)
+    ids, k, t, p = _events(layout, 3000, rng, tof_bins)
+    tof = TOFParameters(tof_bins, 10.0, 200.0) if tof_bins else None
+    path = tmp_path / "lm.h5"
+    with ListmodeWriter(path, sc, tof=tof) as w:
+        w.append(ids, k, t, p)
+    frames = parse_frames("3x10s")
+    cpu = histogram_listmode(ListmodeReader(path, chunk_events=500), layout, frames, device="cpu", progress=False)
+    gpu = histogram_listmode(ListmodeReader(path, chunk_events=500), layout, frames, device="gpu", progress=False)
+    np.testing.assert_array_equal(gpu.prompts, cpu.prompts)
+    np.testing.assert_array_equal(gpu.delayeds, cpu.delayeds)
+    np.testing.assert_array_equal(gpu.num_outside_layout, cpu.num_outside_layout)
+    b_gpu = layout.bin_indices(cupy.asarray(ids))
+    np.testing.assert_array_equal(cupy.asnumpy(b_gpu), layout.bin_indices(ids))

@@ -1,0 +1,766 @@
+"""File input/output for quantification: TAC tables, 4-D PET images, atlases.
+
+Conventions
+-----------
+* TAC tables are PET-BIDS derivative TSV files: columns ``frame_start`` and
+  ``frame_end`` in seconds from injection, then one column per region in
+  Bq/mL.  The literal ``n/a`` (BIDS missing value) and ``NaN`` are refused.
+* 4-D PET images are NIfTI ``(x, y, z, t)`` with a PET-BIDS JSON sidecar.
+  Frame timing is taken from the sidecar's ``FrameTimesStart`` and
+  ``FrameDuration`` (seconds), never from the NIfTI header.  If the sidecar
+  gives ``InjectionStart`` (seconds relative to ``TimeZero``), frame times
+  are shifted so that they are relative to injection.
+* Atlases are an integer label NIfTI plus a BIDS-style label TSV with at
+  least the columns ``index`` and ``name``.  Label 0 is background.
+
+Treatment of bad values (decided once, here)
+--------------------------------------------
+* NaN or infinite values in a TAC table or a PET image are refused with a
+  ``ValueError`` naming the file, the column/frame and the count.
+* Negative values are allowed (a regional or voxel mean of a noisy,
+  unconstrained reconstruction can be slightly negative in early frames);
+  they are counted and reported with a ``logging`` warning, never clipped.
+
+Every file is written to a temporary name in the destination folder and then
+``os.replace``-d, so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TACTable",
+    "PETImage",
+    "Atlas",
+    "atomic_path",
+    "atomic_write_text",
+    "read_tacs_tsv",
+    "write_tacs_tsv",
+    "read_table_tsv",
+    "write_table_tsv",
+    "read_json",
+    "write_json",
+    "validate_frames",
+    "load_pet",
+    "load_atlas",
+    "check_same_grid",
+    "save_nifti",
+    "sidecar_path_for",
+]
+
+#: Relative tolerance (of the frame duration) for frame gaps/overlaps that
+#: stem from rounding in a TSV or JSON file.
+_FRAME_TOL_S = 1e-6
+
+#: Unit strings accepted in a PET sidecar and their factor to Bq/mL.
+_UNIT_TO_BQ_PER_ML = {"bq/ml": 1.0, "kbq/ml": 1e3, "mbq/ml": 1e6}
+
+
+# --------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+
+    The temporary file lives in the destination folder (so ``os.replace`` is
+    atomic on POSIX) and keeps the final suffix(es) so that libraries which
+    pick a format from the extension (nibabel, matplotlib) behave.  On an
+    exception the temporary file is removed and ``path`` is left untouched.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Final destination.  Its parent folder is created if needed.
+
+    Yields
+    ------
+    pathlib.Path
+        Temporary path to write to.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp" + suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from ``path``; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: JSON file not found") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object at top level, got {type(obj).__name__}")
+    return obj
+
+
+def _json_default(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, set, tuple)):
+        return str(obj) if isinstance(obj, Path) else list(obj)
+    # Metadata of unknown type (e.g. a module name object) is kept as its text.
+    return str(obj)
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def sidecar_path_for(path: str | os.PathLike) -> Path:
+    """Return the BIDS JSON sidecar path of a ``.nii``, ``.nii.gz`` or ``.tsv`` file."""
+    p = Path(path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".tsv"):
+        if name.endswith(ext):
+            return p.with_name(name[: -len(ext)] + ".json")
+    return p.with_suffix(".json")
+
+
+# --------------------------------------------------------------------------
+# generic TSV tables
+# --------------------------------------------------------------------------
+def _format_cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "n/a"
+        # repr gives the shortest string that round-trips exactly.
+        return repr(v)
+    text = str(value)
+    if "\t" in text or "\n" in text:
+        raise ValueError(f"table cell {text!r} contains a tab or newline; not allowed in TSV")
+    return text
+
+
+def write_table_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence]) -> Path:
+    """Write a generic table as BIDS TSV (``n/a`` for NaN/None), atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination ``.tsv``.
+    columns : sequence of str
+        Header.
+    rows : sequence of sequences
+        One entry per row, each with ``len(columns)`` cells.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    columns = [str(c) for c in columns]
+    lines = ["\t".join(columns)]
+    for i, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"{path}: row {i} has {len(row)} cells, header has {len(columns)}")
+        lines.append("\t".join(_format_cell(v) for v in row))
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_table_tsv(path: str | os.PathLike, required: Sequence[str] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a TSV file into a header and a list of row dictionaries (strings).
+
+    Parameters
+    ----------
+    path : str or path-like
+        TSV file with a header line.
+    required : sequence of str
+        Column names that must be present.
+
+    Returns
+    -------
+    header : list of str
+    rows : list of dict
+        Raw string cells keyed by column name.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is empty, a row has the wrong number of cells, a column
+        name repeats or a required column is missing.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: TSV file not found") from None
+    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}: empty file, expected a tab-separated header line")
+    header = [h.strip() for h in lines[0].split("\t")]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise ValueError(f"{path}: duplicate column name(s) {dupes} in header")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; header has {header}")
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise ValueError(
+                f"{path}: line {lineno} has {len(cells)} tab-separated cells, expected {len(header)} (header {header})"
+            )
+        rows.append({h: c.strip() for h, c in zip(header, cells)})
+    return header, rows
+
+
+def _parse_float(text: str, path, column: str, lineno: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{path}: column '{column}' line {lineno}: expected a number, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------
+# frame timing
+# --------------------------------------------------------------------------
+def validate_frames(frame_start_s, frame_end_s, source: str = "frames") -> tuple[np.ndarray, np.ndarray]:
+    """Check frame timing and return it as float64 arrays.
+
+    Frames must be finite, non-negative, have positive duration, be sorted by
+    start time and must not overlap (gaps are allowed).
+
+    Parameters
+    ----------
+    frame_start_s, frame_end_s : array_like, shape (n_frames,)
+        Frame start and end times in seconds from injection.
+    source : str
+        Name of the file/field for error messages.
+
+    Returns
+    -------
+    frame_start_s, frame_end_s : ndarray of float64
+
+    Raises
+    ------
+    ValueError
+        Naming ``source`` and the first offending frame.
+    """
+    start = np.asarray(frame_start_s, dtype=np.float64).reshape(-1)
+    end = np.asarray(frame_end_s, dtype=np.float64).reshape(-1)
+    if start.shape != end.shape:
+        raise ValueError(f"{source}: {start.size} frame starts but {end.size} frame ends")
+    if start.size == 0:
+        raise ValueError(f"{source}: no frames")
+    if not (np.all(np.isfinite(start)) and np.all(np.isfinite(end))):
+        raise ValueError(f"{source}: frame times must be finite numbers (found NaN/inf)")
+    if np.any(start < 0):
+        i = int(np.flatnonzero(start < 0)[0])
+        raise ValueError(f"{source}: frame {i} starts at {start[i]} s, expected >= 0 s from injection")
+    dur = end - start
+    if np.any(dur <= 0):
+        i = int(np.flatnonzero(dur <= 0)[0])
+        raise ValueError(
+            f"{source}: frame {i} has end {end[i]} s <= start {start[i]} s; expected a positive duration"
+        )
+    if np.any(np.diff(start) <= 0):
+        i = int(np.flatnonzero(np.diff(start) <= 0)[0])
+        raise ValueError(
+            f"{source}: frames not sorted by start time (frame {i + 1} starts at {start[i + 1]} s, "
+            f"frame {i} at {start[i]} s); expected strictly increasing frame_start"
+        )
+    overlap = start[1:] < end[:-1] - _FRAME_TOL_S * np.maximum(1.0, dur[:-1])
+    if np.any(overlap):
+        i = int(np.flatnonzero(overlap)[0])
+        raise ValueError(
+            f"{source}: frames {i} and {i + 1} overlap (frame {i} ends at {end[i]} s, "
+            f"frame {i + 1} starts at {start[i + 1]} s); expected frame_start[i+1] >= frame_end[i]"
+        )
+    return start, end
+
+
+# --------------------------------------------------------------------------
+# TAC tables
+# --------------------------------------------------------------------------
+@dataclass
+class TACTable:
+    """Regional time-activity curves.
+
+    Attributes
+    ----------
+    frame_start_s, frame_end_s : ndarray, shape (n_frames,)
+        Frame start/end in seconds from injection (float64).
+    region_names : list of str
+        One name per region (column order).
+    values : ndarray, shape (n_frames, n_regions)
+        Mean activity concentration in Bq/mL.
+    source : str
+        Where the table came from (used in error messages).
+    """
+
+    frame_start_s: np.ndarray
+    frame_end_s: np.ndarray
+    region_names: list
+    values: np.ndarray
+    source: str = field(default="TAC table", compare=False)
+
+    def __post_init__(self):
+        self.frame_start_s, self.frame_end_s = validate_frames(self.frame_start_s, self.frame_end_s, self.source)
+        self.region_names = [str(n) for n in self.region_names]
+        self.values = np.asarray(self.values, dtype=np.float64)
+        n_frames = self.frame_start_s.size
+        if self.values.ndim == 1 and len(self.region_names) == 1:
+            self.values = self.values.reshape(-1, 1)
+        if self.values.ndim != 2:
+            raise ValueError(f"{self.source}: values must be 2-D (n_frames, n_regions), got shape {self.values.shape}")
+        if self.values.shape != (n_frames, len(self.region_names)):
+            raise ValueError(
+                f"{self.source}: values have shape {self.values.shape}, expected "
+                f"(n_frames={n_frames}, n_regions={len(self.region_names)})"
+            )
+        if len(set(self.region_names)) != len(self.region_names):
+            dupes = sorted({n for n in self.region_names if self.region_names.count(n) > 1})
+            raise ValueError(f"{self.source}: duplicate region name(s) {dupes}")
+        for reserved in ("frame_start", "frame_end"):
+            if reserved in self.region_names:
+                raise ValueError(f"{self.source}: '{reserved}' is reserved and cannot be a region name")
+        bad = ~np.isfinite(self.values)
+        if bad.any():
+            j = int(np.flatnonzero(bad.any(axis=0))[0])
+            raise ValueError(
+                f"{self.source}: region '{self.region_names[j]}' has {int(bad[:, j].sum())} NaN/inf value(s); "
+                "expected finite Bq/mL values in every frame"
+            )
+        n_neg = int((self.values < 0).sum())
+        if n_neg:
+            logger.warning("%s: %d negative TAC value(s) kept as they are (noise)", self.source, n_neg)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frame_start_s.size)
+
+    @property
+    def frame_mid_s(self) -> np.ndarray:
+        """Frame mid times in seconds."""
+        return 0.5 * (self.frame_start_s + self.frame_end_s)
+
+    def column(self, name: str) -> np.ndarray:
+        """Return the TAC of region ``name`` (Bq/mL, shape (n_frames,)).
+
+        Raises
+        ------
+        ValueError
+            If the region is absent; the message lists the available names.
+        """
+        try:
+            j = self.region_names.index(name)
+        except ValueError:
+            raise ValueError(
+                f"{self.source}: region '{name}' not found; available regions: {self.region_names}"
+            ) from None
+        return self.values[:, j].copy()
+
+    def subset(self, names: Sequence[str]) -> "TACTable":
+        """Return a new table with only the regions ``names`` (in that order)."""
+        cols = [self.column(n) for n in names]
+        return TACTable(self.frame_start_s.copy(), self.frame_end_s.copy(), list(names),
+                        np.stack(cols, axis=1) if cols else np.zeros((self.n_frames, 0)), self.source)
+
+    def __repr__(self) -> str:
+        return (
+            f"TACTable(n_frames={self.n_frames}, regions={self.region_names}, "
+            f"span={self.frame_start_s[0]:g}-{self.frame_end_s[-1]:g} s, source={self.source!r})"
+        )
+
+
+def read_tacs_tsv(path: str | os.PathLike) -> TACTable:
+    """Read a PET-BIDS derivative TAC table.
+
+    Parameters
+    ----------
+    path : str or path-like
+        TSV with columns ``frame_start``, ``frame_end`` (s) and one column per
+        region (Bq/mL).
+
+    Returns
+    -------
+    TACTable
+
+    Raises
+    ------
+    ValueError
+        Missing ``frame_start``/``frame_end``, no region column, non-numeric,
+        NaN or ``n/a`` cells, unsorted or overlapping frames.  The message
+        names the file and the column.
+    """
+    path = Path(path)
+    header, rows = read_table_tsv(path, required=("frame_start", "frame_end"))
+    if not rows:
+        raise ValueError(f"{path}: no frame rows after the header")
+    regions = [h for h in header if h not in ("frame_start", "frame_end")]
+    if not regions:
+        raise ValueError(f"{path}: no region columns; expected frame_start, frame_end, then one column per region")
+    for col in header:
+        for lineno, row in enumerate(rows, start=2):
+            if row[col].lower() in ("n/a", "nan", ""):
+                raise ValueError(
+                    f"{path}: column '{col}' line {lineno} is {row[col]!r}; missing or NaN values are not "
+                    "accepted in a TAC table"
+                )
+    start = [_parse_float(r["frame_start"], path, "frame_start", i) for i, r in enumerate(rows, start=2)]
+    end = [_parse_float(r["frame_end"], path, "frame_end", i) for i, r in enumerate(rows, start=2)]
+    values = np.array(
+        [[_parse_float(r[c], path, c, i) for c in regions] for i, r in enumerate(rows, start=2)], dtype=np.float64
+    )
+    return TACTable(np.array(start), np.array(end), regions, values, source=str(path))
+
+
+def write_tacs_tsv(path: str | os.PathLike, table: TACTable) -> Path:
+    """Write a :class:`TACTable` as PET-BIDS derivative TSV (atomic).
+
+    Values are written with ``repr`` so the round trip is exact.
+    """
+    rows = [
+        [table.frame_start_s[i], table.frame_end_s[i], *table.values[i]] for i in range(table.n_frames)
+    ]
+    return write_table_tsv(path, ["frame_start", "frame_end", *table.region_names], rows)
+
+
+# --------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------
+@dataclass
+class PETImage:
+    """A dynamic PET image with frame timing.
+
+    Attributes
+    ----------
+    data : ndarray, shape (x, y, z, t)
+        Activity concentration in Bq/mL.
+    affine : ndarray, shape (4, 4)
+        float64 NIfTI RAS+ affine (mm).
+    frame_start_s, frame_end_s : ndarray, shape (t,)
+        Seconds from injection.
+    sidecar : dict
+        The PET-BIDS JSON sidecar as read.
+    path : str
+        Image file name (for messages).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    frame_start_s: np.ndarray
+    frame_end_s: np.ndarray
+    sidecar: dict
+    path: str = ""
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    def __repr__(self) -> str:
+        return f"PETImage(shape={self.data.shape}, n_frames={self.frame_start_s.size}, path={self.path!r})"
+
+
+@dataclass
+class Atlas:
+    """An integer label image with region names.
+
+    Attributes
+    ----------
+    labels : ndarray of int32, shape (x, y, z)
+        0 is background.
+    affine : ndarray, shape (4, 4)
+        float64 RAS+ affine (mm).
+    names : dict[int, str]
+        Label index -> region name (background excluded).
+    path : str
+        Label image file name.
+    """
+
+    labels: np.ndarray
+    affine: np.ndarray
+    names: dict
+    path: str = ""
+
+    @property
+    def region_names(self) -> list:
+        return [self.names[k] for k in sorted(self.names)]
+
+    def index_of(self, name: str) -> int:
+        """Return the label index of region ``name`` (error lists available names)."""
+        for k, v in self.names.items():
+            if v == name:
+                return int(k)
+        raise ValueError(f"{self.path}: region '{name}' not in atlas; available regions: {self.region_names}")
+
+    def mask(self, names: Sequence[str] | None = None) -> np.ndarray:
+        """Boolean mask of the regions ``names`` (all labelled voxels if None)."""
+        if names is None:
+            return self.labels > 0
+        idx = [self.index_of(n) for n in names]
+        return np.isin(self.labels, idx)
+
+    def __repr__(self) -> str:
+        return f"Atlas(shape={self.labels.shape}, n_regions={len(self.names)}, path={self.path!r})"
+
+
+def _load_nifti(path):
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"{path}: cannot read as NIfTI ({exc})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return img, affine
+
+
+def _sidecar_number_list(sidecar: dict, key: str, json_path) -> np.ndarray:
+    if key not in sidecar:
+        raise ValueError(f"{json_path}: field '{key}' missing; PET-BIDS sidecar needs FrameTimesStart and FrameDuration (s)")
+    val = sidecar[key]
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        val = [val]
+    try:
+        arr = np.asarray(val, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{json_path}: field '{key}' must be a list of numbers (seconds), got {val!r}") from None
+    return arr
+
+
+def load_pet(nifti_path: str | os.PathLike, json_path: str | os.PathLike | None = None,
+             dtype=np.float32) -> PETImage:
+    """Load a 4-D PET NIfTI and its PET-BIDS sidecar.
+
+    Parameters
+    ----------
+    nifti_path : str or path-like
+        ``.nii`` or ``.nii.gz`` image, shape (x, y, z, t) (a 3-D image is
+        accepted as one frame).
+    json_path : str or path-like, optional
+        Sidecar; default is the image name with ``.json``.
+    dtype : numpy dtype
+        Data type of the returned array (float32 keeps big studies in memory).
+
+    Returns
+    -------
+    PETImage
+
+    Raises
+    ------
+    FileNotFoundError
+        Image or sidecar missing.
+    ValueError
+        Missing/invalid ``FrameTimesStart``/``FrameDuration``, frame count
+        different from the image time axis, unsorted or overlapping frames,
+        unknown ``Units``, NaN or infinite voxels.
+
+    Notes
+    -----
+    ``frame_start_s = FrameTimesStart - InjectionStart`` (``InjectionStart``
+    taken as 0 when absent) and ``frame_end_s = frame_start_s +
+    FrameDuration``.  ``Units`` of ``kBq/mL`` or ``MBq/mL`` are converted to
+    Bq/mL; anything else other than ``Bq/mL`` is refused.
+    """
+    nifti_path = Path(nifti_path)
+    json_path = sidecar_path_for(nifti_path) if json_path is None else Path(json_path)
+    img, affine = _load_nifti(nifti_path)
+    sidecar = read_json(json_path)
+    starts = _sidecar_number_list(sidecar, "FrameTimesStart", json_path)
+    durs = _sidecar_number_list(sidecar, "FrameDuration", json_path)
+    if starts.size != durs.size:
+        raise ValueError(
+            f"{json_path}: FrameTimesStart has {starts.size} entries but FrameDuration has {durs.size}"
+        )
+    injection = sidecar.get("InjectionStart", 0.0)
+    if not isinstance(injection, (int, float)) or isinstance(injection, bool):
+        raise ValueError(f"{json_path}: field 'InjectionStart' must be a number of seconds, got {injection!r}")
+    start = starts - float(injection)
+    frame_start_s, frame_end_s = validate_frames(start, start + durs, f"{json_path} (FrameTimesStart/FrameDuration)")
+
+    shape = img.shape
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    elif len(shape) != 4:
+        raise ValueError(f"{nifti_path}: expected a 4-D (x, y, z, t) image, got shape {img.shape}")
+    if shape[3] != frame_start_s.size:
+        raise ValueError(
+            f"{nifti_path}: image has {shape[3]} frames on its time axis but {json_path} "
+            f"FrameTimesStart/FrameDuration list {frame_start_s.size}"
+        )
+    if "Units" not in sidecar:
+        logger.warning("%s: no 'Units' field; taking the image to be in Bq/mL", json_path)
+    units = sidecar.get("Units", "Bq/mL")
+    factor = _UNIT_TO_BQ_PER_ML.get(str(units).strip().lower())
+    if factor is None:
+        raise ValueError(
+            f"{json_path}: field 'Units' is {units!r}; expected one of Bq/mL, kBq/mL, MBq/mL"
+        )
+    data = np.asarray(img.get_fdata(dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64), dtype=dtype)
+    data = data.reshape(shape)
+    if factor != 1.0:
+        data *= factor
+    finite = np.isfinite(data)
+    if not finite.all():
+        per_frame = (~finite).reshape(-1, shape[3]).sum(axis=0)
+        f = int(np.flatnonzero(per_frame)[0])
+        raise ValueError(
+            f"{nifti_path}: {int((~finite).sum())} NaN/inf voxel(s) (first in frame {f}); expected finite Bq/mL "
+            "(set voxels outside the field of view to 0)"
+        )
+    n_neg = int((data < 0).sum())
+    if n_neg:
+        logger.info("%s: %d negative voxel value(s) kept (noise)", nifti_path, n_neg)
+    return PETImage(data, affine, frame_start_s, frame_end_s, sidecar, str(nifti_path))
+
+
+def load_atlas(label_nifti: str | os.PathLike, label_tsv: str | os.PathLike) -> Atlas:
+    """Load an integer label image and its label table.
+
+    Parameters
+    ----------
+    label_nifti : str or path-like
+        3-D NIfTI of integer labels (0 = background).
+    label_tsv : str or path-like
+        TSV with at least ``index`` and ``name`` columns.  An entry with
+        index 0 is taken as the background name and not used as a region.
+
+    Returns
+    -------
+    Atlas
+
+    Raises
+    ------
+    ValueError
+        Non-integer or negative labels, labels in the image that the TSV does
+        not name, duplicate indices or names, non-3-D image.
+    """
+    label_nifti = Path(label_nifti)
+    label_tsv = Path(label_tsv)
+    img, affine = _load_nifti(label_nifti)
+    data = np.asarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{label_nifti}: expected a 3-D label image, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+            raise ValueError(f"{label_nifti}: label image has non-integer values; expected integer labels")
+    labels = data.astype(np.int64)
+    if labels.min(initial=0) < 0:
+        raise ValueError(f"{label_nifti}: negative label {labels.min()}; expected labels >= 0 (0 = background)")
+    _, rows = read_table_tsv(label_tsv, required=("index", "name"))
+    names: dict[int, str] = {}
+    seen: set[int] = set()
+    for lineno, row in enumerate(rows, start=2):
+        try:
+            idx = int(row["index"])
+        except ValueError:
+            raise ValueError(f"{label_tsv}: column 'index' line {lineno}: expected an integer, got {row['index']!r}") from None
+        name = row["name"]
+        if not name or name == "n/a":
+            raise ValueError(f"{label_tsv}: column 'name' line {lineno} is empty")
+        if idx in seen:
+            raise ValueError(f"{label_tsv}: column 'index' value {idx} appears twice")
+        seen.add(idx)
+        if idx < 0:
+            raise ValueError(f"{label_tsv}: column 'index' line {lineno}: negative index {idx}")
+        if idx == 0:
+            continue
+        if name in names.values():
+            raise ValueError(f"{label_tsv}: column 'name' value '{name}' appears twice")
+        names[idx] = name
+    present = np.unique(labels)
+    unnamed = [int(v) for v in present if v != 0 and v not in names]
+    if unnamed:
+        raise ValueError(
+            f"{label_nifti}: label value(s) {unnamed[:10]} are not listed in {label_tsv} (column 'index'); "
+            "every non-zero label needs a name"
+        )
+    return Atlas(labels.astype(np.int32), affine, names, str(label_nifti))
+
+
+def check_same_grid(shape_a, affine_a, name_a, shape_b, affine_b, name_b, atol_mm: float = 1e-3) -> None:
+    """Raise ``ValueError`` unless two images share spatial shape and affine.
+
+    Parameters
+    ----------
+    shape_a, shape_b : tuple
+        Image shapes (only the first three axes are compared).
+    affine_a, affine_b : ndarray, shape (4, 4)
+    name_a, name_b : str
+        File names for the message.
+    atol_mm : float
+        Tolerance on affine entries (mm).
+    """
+    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
+        raise ValueError(
+            f"{name_b}: grid shape {tuple(shape_b[:3])} differs from {name_a} shape {tuple(shape_a[:3])}; "
+            "resample to the same grid first"
+        )
+    if not np.allclose(affine_a, affine_b, atol=atol_mm, rtol=0):
+        raise ValueError(
+            f"{name_b}: affine differs from {name_a} (max difference "
+            f"{float(np.max(np.abs(np.asarray(affine_a) - np.asarray(affine_b)))):.3g} mm); resample to the same grid first"
+        )
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, sidecar: dict | None = None) -> Path:
+    """Save a NIfTI image (float32 for float data) atomically, with optional JSON sidecar."""
+    import nibabel as nib
+
+    data = np.asarray(data)
+    if np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float32)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    if sidecar is not None:
+        write_json(sidecar_path_for(path), sidecar)
+    return Path(path)

@@ -1,0 +1,131 @@
+// Portability header: the same kernel source compiles with NVRTC for the GPU
+// and with a host C++ compiler (OpenMP) for the CPU.
+//
+// On the host a "launch" is an OpenMP loop over blocks; inside a block the
+// threads run one after the other.  blockIdx/threadIdx/blockDim are emulated
+// as thread-local variables so kernel bodies read exactly as on the GPU.
+#pragma once
+
+#if defined(__CUDACC__)
+
+#define PB_DEVICE __device__ __forceinline__
+#define PB_METHOD __device__ __forceinline__
+#define PB_KERNEL extern "C" __global__
+
+PB_DEVICE void pb_atomic_add(float* address, float value) { atomicAdd(address, value); }
+
+#else  // host build
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define PB_DEVICE static inline
+#define PB_METHOD inline
+#define PB_KERNEL static inline
+
+struct pb_dim3 {
+    unsigned int x, y, z;
+};
+static thread_local pb_dim3 blockIdx = {0, 0, 0};
+static thread_local pb_dim3 threadIdx = {0, 0, 0};
+static thread_local pb_dim3 blockDim = {1, 1, 1};
+
+// <math.h> declares the single-precision functions (floorf, erff, ...)
+// that NVRTC provides as built-ins, so kernel bodies need no #ifdefs.
+#include <math.h>
+
+// Set while a thread accumulates into its own private copy of the output
+// (see pb_launch_accumulate): then no atomic is needed.
+static thread_local bool pb_private_output = false;
+
+PB_DEVICE void pb_atomic_add(float* address, float value) {
+    if (pb_private_output) {
+        *address += value;
+        return;
+    }
+#pragma omp atomic
+    *address += value;
+}
+
+static const unsigned int pb_host_block = 64;
+
+// Run `kernel(args...)` for every thread index in [0, count): the host
+// equivalent of kernel<<<ceil(count / block), block>>>(args...).
+template <typename Kernel, typename... Args>
+static void pb_launch(Kernel kernel, long long count, Args... args) {
+    const long long num_blocks = (count + pb_host_block - 1) / pb_host_block;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (long long b = 0; b < num_blocks; ++b) {
+        blockIdx.x = (unsigned int)b;
+        blockDim.x = pb_host_block;
+        for (unsigned int t = 0; t < pb_host_block; ++t) {
+            threadIdx.x = t;
+            kernel(args...);
+        }
+    }
+}
+
+template <typename T>
+static inline T pb_redirect(T arg, float*, float*) {
+    return arg;
+}
+static inline float* pb_redirect(float* arg, float* from, float* to) { return arg == from ? to : arg; }
+
+// Like pb_launch for kernels that scatter-add into `output` (output_size
+// floats).  A float atomic on a CPU is a compare-and-swap loop, so when the
+// copies fit in memory each OpenMP thread accumulates into a private zeroed
+// copy, and the copies are summed at the end; otherwise atomics are used.
+template <typename Kernel, typename... Args>
+static void pb_launch_accumulate(Kernel kernel, long long count, float* output, long long output_size,
+                                 Args... args) {
+    int num_threads = 1;
+#ifdef _OPENMP
+    num_threads = omp_get_max_threads();
+#endif
+    const long long budget_floats = 1LL << 27;  // 512 MiB of private copies at most
+    if (num_threads == 1) {  // the calling thread runs the loop alone: no atomics needed
+        pb_private_output = true;
+        pb_launch(kernel, count, args...);
+        pb_private_output = false;
+        return;
+    }
+    if ((long long)num_threads * output_size > budget_floats) {
+        pb_launch(kernel, count, args...);
+        return;
+    }
+    std::vector<float> copies((size_t)num_threads * (size_t)output_size, 0.0f);
+    const long long num_blocks = (count + pb_host_block - 1) / pb_host_block;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        float* mine = copies.data() + (size_t)me * (size_t)output_size;
+        pb_private_output = true;
+#pragma omp for schedule(dynamic, 8)
+        for (long long b = 0; b < num_blocks; ++b) {
+            blockIdx.x = (unsigned int)b;
+            blockDim.x = pb_host_block;
+            for (unsigned int t = 0; t < pb_host_block; ++t) {
+                threadIdx.x = t;
+                kernel(pb_redirect(args, output, mine)...);
+            }
+        }
+        pb_private_output = false;
+#pragma omp for schedule(static)
+        for (long long v = 0; v < output_size; ++v) {
+            float sum = 0.0f;
+            for (int k = 0; k < num_threads; ++k) sum += copies[(size_t)k * (size_t)output_size + v];
+            output[v] += sum;
+        }
+    }
+}
+
+#endif
+
+PB_DEVICE long long pb_thread_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
