@@ -676,6 +676,167 @@ class ListmodeSimulator:
                 out["delayeds"][k, planes] = cd
         return out
 
+    # -- drawing counts ---------------------------------------------------------------------------
+    def _frame_counts(self, act, fs, fe, totals, seeds, counts_out):
+        """Yield ``(k, rng, stats, sparse)`` per frame: the drawn counts of each event type, sparse.
+
+        ``sparse[key]`` is a list of ``(flat bin index, count)`` pairs, keys
+        ``prompt_decay`` (trues and scatter), ``prompt_randoms`` and ``delayed``.
+        Low-count frames of a :class:`BasisActivity` with cached projections
+        are drawn in batches, event by event from each basis image's
+        distribution (cost proportional to the events, not to the bins);
+        other frames bin by bin, chunk by chunk.
+        """
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        nbins = self.layout.num_bins * ntof
+        expected = totals[0] + totals[1] + 2 * totals[2]
+        fast = isinstance(act, BasisActivity) and self._basis_projections(act) is not None
+        k = 0
+        while k < fs.size:
+            if fast and expected[k] < 0.5 * nbins:
+                batch = [k]
+                budget = max(20 * self.max_events_per_chunk, expected[k])
+                used = expected[k]
+                while batch[-1] + 1 < fs.size and expected[batch[-1] + 1] < 0.5 * nbins and used + expected[batch[-1] + 1] <= budget:
+                    batch.append(batch[-1] + 1)
+                    used += expected[batch[-1]]
+                yield from self._basis_batch_counts(act, batch, fs, fe, totals, seeds, counts_out)
+                k = batch[-1] + 1
+            else:
+                rng = np.random.default_rng(seeds[k])
+                stats = FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k]))
+                sparse = self._dense_frame_counts(act, k, rng, totals, counts_out, stats)
+                yield k, rng, stats, sparse
+                k += 1
+
+    def _chunk_offset(self, ci):
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        return int(self.chunks[ci][0]) * self.layout.num_views * self.layout.num_radial * ntof
+
+    def _dense_frame_counts(self, act, k, rng, totals, counts_out, stats):
+        sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
+        for ci, planes in enumerate(self.chunks):
+            t, s, r = self.expected_chunk(act, k, ci, totals)
+            ct, cs = draw_poisson_sparse(rng, t), draw_poisson_sparse(rng, s)
+            cr, cd = draw_poisson_sparse(rng, r, num_draws=2)
+            self._collect(sparse, stats, counts_out, k, ci, t.shape, ct, cs, cr, cd)
+        return sparse
+
+    def _collect(self, sparse, stats, counts_out, k, ci, shape, ct, cs, cr, cd):
+        stats.trues += int(ct[1].sum())
+        stats.scatter += int(cs[1].sum())
+        stats.randoms += int(cr[1].sum())
+        stats.delayeds += int(cd[1].sum())
+        offset = self._chunk_offset(ci)
+        # Trues and scatter share the e^{-lambda t} time density: merge them.
+        idx_ts = np.concatenate([ct[0], cs[0]])
+        cnt_ts = np.concatenate([ct[1], cs[1]])
+        for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
+            sparse[key].append((idx + offset, cnt))
+        if counts_out is not None:
+            size = int(np.prod(shape))
+            planes = self.chunks[ci]
+            dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
+            counts_out["prompts"][k, planes] = dense_p.reshape(shape).astype(np.int64)
+            counts_out["delayeds"][k, planes] = _dense(cd, shape)
+
+    def _basis_unit_chunk(self, ci):
+        """Trues and scatter of chunk ``ci`` per unit basis weight and unit ``κ D`` (float32, leading basis axis).
+
+        Scatter is built per basis image with the same recipe as
+        :meth:`expected_chunk` (per-plane fraction), so that summed with the
+        frame weights every plane keeps ``scatter / (trues + scatter) = SF``.
+        """
+        planes = self.chunks[ci]
+        proj = self._basis_cache[ci]
+        nb = proj.shape[0]
+        n = self.normalisation[planes]
+        a = self.attenuation[planes]
+        tof_axis = self.tof is not None
+        lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
+        emission = lor(a)[None] * proj
+        trues = lor(n)[None] * emission
+        trues_nontof = trues.sum(axis=-1) if tof_axis else trues
+        em_nontof = emission.sum(axis=-1) if tof_axis else emission
+        shp = em_nontof.shape
+        shape = n[None] * self._scatter_shape(em_nontof.reshape((-1,) + shp[2:])).reshape(shp).astype(np.float32)
+        sf = self.scatter_fraction / (1 - self.scatter_fraction)
+        plane_trues = trues_nontof.sum(axis=(2, 3), dtype=np.float64)
+        plane_shape = shape.sum(axis=(2, 3), dtype=np.float64)
+        scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
+        scatter = shape * scale.astype(np.float32)[:, :, None, None]
+        if tof_axis:
+            prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
+            tot = prof.sum(axis=-1, keepdims=True)
+            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
+            scatter = scatter[..., None] * prof
+        return trues.reshape(nb, -1), scatter.reshape(nb, -1)
+
+    def _basis_batch_counts(self, act, batch, fs, fe, totals, seeds, counts_out):
+        """Draw a batch of low-count frames of a basis activity, event by event.
+
+        Poisson process superposition: frame ``k``'s trues are the union of
+        independent Poisson processes, one per basis image ``r``, with means
+        ``w_rk κ D_k T_r``; each draws ``N_rk ~ Poisson(w_rk κ D_k sum T_r)``
+        events whose bins are i.i.d. categorical with probabilities
+        ``T_r / sum T_r`` (one inverse-CDF draw serves all frames of the
+        batch).  Scatter likewise; randoms and delayeds follow ``n``.
+        """
+        kk = np.asarray(batch)
+        rngs = {k: np.random.default_rng(seeds[k]) for k in batch}
+        first = seeds[batch[0]]
+        pool_rng = np.random.default_rng(np.random.SeedSequence(first.entropy, spawn_key=tuple(first.spawn_key) + (1 << 30,)))
+        stats = {k: FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k])) for k in batch}
+        sparse = {k: {"prompt_decay": [], "prompt_randoms": [], "delayed": []} for k in batch}
+        weights = np.asarray(act.weights, dtype=np.float64)[:, kk] * (self.kappa * self._frame_d1[kk])[None, :]
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        window_s = self.coincidence_window_ns * 1e-9
+        rand_scale = window_s * self.singles_scale**2 * totals[3][kk]
+
+        def pooled(unit, counts_per_frame):
+            """Bin indices of ``sum(counts)`` i.i.d. draws from ``unit``, split by frame."""
+            m = int(counts_per_frame.sum())
+            if m == 0:
+                return [np.zeros(0, np.int64)] * len(batch)
+            cdf = np.cumsum(unit, dtype=np.float64)
+            idx = np.minimum(np.searchsorted(cdf, pool_rng.random(m) * cdf[-1], side="right"), unit.size - 1)
+            return np.split(idx, np.cumsum(counts_per_frame)[:-1])
+
+        def sparse_of(idx):
+            u, c = np.unique(idx, return_counts=True)
+            return u.astype(np.int64), c.astype(np.int64)
+
+        for ci, planes in enumerate(self.chunks):
+            trues, scatter = self._basis_unit_chunk(ci)
+            shape = (len(planes), self.layout.num_views, self.layout.num_radial) + ((ntof,) if self.tof is not None else ())
+            events = {k: {"t": [], "s": []} for k in batch}
+            for name, unit in (("t", trues), ("s", scatter)):
+                tot = unit.sum(axis=1, dtype=np.float64)
+                for r in range(unit.shape[0]):
+                    if tot[r] <= 0:
+                        continue
+                    counts = np.array([rngs[k].poisson(max(weights[r, j], 0.0) * tot[r]) for j, k in enumerate(batch)])
+                    for k, idx in zip(batch, pooled(unit[r], counts)):
+                        events[k][name].append(idx)
+            n = self.normalisation[planes].ravel()
+            nsum = float(n.sum(dtype=np.float64))
+            rand_counts = [np.array([rngs[k].poisson(rand_scale[j] * nsum) for j, k in enumerate(batch)]) for _ in range(2)]
+            rand_idx = []
+            for counts in rand_counts:
+                lors = pooled(n, counts)
+                if self.tof is not None:
+                    # Randoms are uniform over TOF bins.
+                    lors = [lo * ntof + pool_rng.integers(0, ntof, lo.size) for lo in lors]
+                rand_idx.append(lors)
+            for j, k in enumerate(batch):
+                ct = sparse_of(np.concatenate(events[k]["t"] or [np.zeros(0, np.int64)]))
+                cs = sparse_of(np.concatenate(events[k]["s"] or [np.zeros(0, np.int64)]))
+                cr = sparse_of(rand_idx[0][j])
+                cd = sparse_of(rand_idx[1][j])
+                self._collect(sparse[k], stats[k], counts_out, k, ci, shape, ct, cs, cr, cd)
+        for k in batch:
+            yield k, rngs[k], stats[k], sparse[k]
+
     def simulate_listmode(self, activity, frame_start_s, frame_end_s, seed=None, counts_out=None):
         """Generate listmode events in time order, chunk by chunk.
 
@@ -717,32 +878,9 @@ class ListmodeSimulator:
         cpairs = self.layout.crystal_pairs().reshape(-1, 2)
         ncr = self.layout.scanner.crystals_per_ring
         lam = self.decay_constant_per_s
-        bar = tqdm(total=fs.size * len(self.chunks), desc="simulating listmode", disable=self.quiet)
-        for k in range(fs.size):
-            rng = np.random.default_rng(seeds[k])
-            stats = FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k]))
-            # Draw counts per bin, kept sparse: (flat bin index, count) per event type.
-            sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
-            for ci, planes in enumerate(self.chunks):
-                t, s, r = self.expected_chunk(act, k, ci, totals)
-                ct, cs = draw_poisson_sparse(rng, t), draw_poisson_sparse(rng, s)
-                cr, cd = draw_poisson_sparse(rng, r, num_draws=2)
-                stats.trues += int(ct[1].sum())
-                stats.scatter += int(cs[1].sum())
-                stats.randoms += int(cr[1].sum())
-                stats.delayeds += int(cd[1].sum())
-                offset = int(planes[0]) * (nbins_lor // self.layout.num_planes) * ntof
-                # Trues and scatter share the e^{-lambda t} time density: merge them.
-                idx_ts = np.concatenate([ct[0], cs[0]])
-                cnt_ts = np.concatenate([ct[1], cs[1]])
-                for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
-                    sparse[key].append((idx + offset, cnt))
-                if counts_out is not None:
-                    size = t.size
-                    dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
-                    counts_out["prompts"][k, planes] = dense_p.reshape(t.shape).astype(np.int64)
-                    counts_out["delayeds"][k, planes] = _dense(cd, t.shape)
-                bar.update(1)
+        bar = tqdm(total=fs.size, desc="simulating listmode", disable=self.quiet)
+        for k, rng, stats, sparse in self._frame_counts(act, fs, fe, totals, seeds, counts_out):
+            bar.update(1)
             sparse = {key: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for key, v in sparse.items()}
             total_events = sum(int(c.sum()) for _, c in sparse.values())
             num_slices = max(1, math.ceil(total_events / self.max_events_per_chunk))
