@@ -837,6 +837,35 @@ class ListmodeSimulator:
         for k in batch:
             yield k, rngs[k], stats[k], sparse[k]
 
+    def write_sinograms(self, path, result, frame_index, frame_start_s, frame_end_s, exam=None):
+        """Write one frame of :meth:`simulate_sinograms` to a petbind sinogram file.
+
+        Parameters
+        ----------
+        path : str or Path
+        result : dict
+            Output of :meth:`simulate_sinograms`.
+        frame_index : int
+        frame_start_s, frame_end_s : float
+            The frame's times (s after injection); stored relative to the scan start.
+        exam : recon.io.ExamInfo, optional
+
+        Notes
+        -----
+        Stores ``prompts`` and ``delayeds`` (counts), the crystal-efficiency
+        ``normalisation``, the ``attenuation`` factors and the expected
+        ``scatter`` (what a scatter estimate should recover).
+        """
+        from .io import write_sinograms_h5  # noqa: PLC0415 - only needed here
+
+        k = int(frame_index)
+        write_sinograms_h5(
+            path, self.layout, prompts=result["prompts"][k], delayeds=result["delayeds"][k],
+            normalisation=self.normalisation, attenuation=self.attenuation,
+            scatter=result["scatter"][k].astype(np.float32), tof=self.tof, exam=exam,
+            frame_start_s=float(frame_start_s) - self.scan_start_s, frame_duration_s=float(frame_end_s) - float(frame_start_s),
+        )
+
     def simulate_listmode(self, activity, frame_start_s, frame_end_s, seed=None, counts_out=None):
         """Generate listmode events in time order, chunk by chunk.
 
@@ -866,7 +895,6 @@ class ListmodeSimulator:
         totals = self._calibrate(act, fs, fe)
         self.frame_stats = []
         seeds = _seed_sequence(seed).spawn(fs.size)
-        nbins_lor = self.layout.num_bins
         ntof = self.tof.num_bins if self.tof is not None else 1
         if counts_out is not None:
             shape = (fs.size,) + self.layout.shape + ((ntof,) if self.tof is not None else ())

@@ -454,6 +454,9 @@ def _write_listmode(path, sim, events, exam, fs, fe, eff, on_grid, grid, config,
         singles_counts=singles,
         mu_map_per_mm=on_grid.mu_map_per_mm,
         mu_map_affine=grid.affine,
+        # 1/κ: Bq/mL per unit of an image reconstructed with m = n ⊙ a as counts per
+        # second per mm of line integral (before decay correction).
+        calibration_factor=1.0 / sim.kappa,
     )
     with writer_cls(path, sim.layout.scanner, tof=config.tof, exam=exam, corrections=corrections) as w:
         chunk = first

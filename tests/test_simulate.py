@@ -329,3 +329,19 @@ def test_basis_listmode_counts_follow_the_expected_sinogram(setup, tof):
     t, s_, r = (sum(getattr(x, a) for x in st) for a in ("trues", "scatter", "randoms"))
     assert abs(s_ / (t + s_) - 0.3) < 5 * math.sqrt(0.21 / (t + s_))
     assert abs(r / (t + s_ + r) - 0.2) < 5 * math.sqrt(0.16 / (t + s_ + r))
+
+
+def test_write_sinograms_round_trip(setup, tmp_path):
+    from recon.io import ExamInfo, read_sinograms_h5
+
+    activity = setup[3]
+    sim = make_sim(setup)
+    out = sim.simulate_sinograms(activity, [30.0], [90.0], seed=0)
+    path = tmp_path / "frame.h5"
+    sim.write_sinograms(path, out, 0, 30.0, 90.0, exam=ExamInfo(isotope="C11", half_life_s=HALF_LIFE_S))
+    data = read_sinograms_h5(path)
+    np.testing.assert_array_equal(data.prompts, out["prompts"][0])
+    np.testing.assert_array_equal(data.delayeds, out["delayeds"][0])
+    np.testing.assert_allclose(data.attenuation, sim.attenuation)
+    np.testing.assert_allclose(data.normalisation, sim.normalisation)
+    assert data.frame_start_s == 30.0 and data.frame_duration_s == 60.0

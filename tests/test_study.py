@@ -163,3 +163,20 @@ def test_cli_images_only(tmp_path):
     assert "simulated 2 sessions" in res.stdout
     img = nib.load(tmp_path / "s" / "sub-01" / "ses-postdose" / "pet" / "sub-01_ses-postdose_pet.nii.gz")
     assert img.shape[-1] == 36 and np.isfinite(np.asarray(img.dataobj)).all()
+
+
+def test_calibration_factor_is_inverse_kappa(study):
+    # Oracle: a point source at the grid centre projected with the sinogram projector.
+    from recon.geometry import ImageGrid, SinogramLayout
+    from recon.projector import SinogramProjector
+
+    out, cfg, _ = study
+    r = ListmodeReader(out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_pet-listmode.h5")
+    atlas = nib.load(out / "sub-01" / "anat" / "sub-01_atlas.nii.gz")
+    grid = ImageGrid.from_affine(atlas.shape, atlas.affine)
+    centre = tuple(int(round(c)) for c in -grid.origin_mm / grid.voxel_size_mm)
+    point = np.zeros(grid.shape, np.float32)
+    point[centre] = 1.0
+    proj = SinogramProjector(SinogramLayout(cfg.scanner, cfg.num_radial), grid, device="cpu")
+    kappa = cfg.sensitivity_cps_per_kbq * np.prod(grid.voxel_size_mm) / 1000 / (1000 * proj.forward(point).sum(dtype=np.float64))
+    assert r.corrections.calibration_factor == pytest.approx(1 / kappa, rel=1e-4)
