@@ -345,3 +345,41 @@ def test_write_sinograms_round_trip(setup, tmp_path):
     np.testing.assert_allclose(data.attenuation, sim.attenuation)
     np.testing.assert_allclose(data.normalisation, sim.normalisation)
     assert data.frame_start_s == 30.0 and data.frame_duration_s == 60.0
+
+
+@pytest.mark.parametrize("tof", [None, TOFParameters(5, 20.0, 300.0)])
+def test_events_histogram_with_recon_listmode(setup, tof):
+    # Independent inverse map: recon.listmode.histogram_events (SinogramLayout.bin_indices).
+    from recon.listmode import histogram_events
+
+    scanner, layout, grid, activity, mu, eff = setup
+    sim = make_sim(setup, tof=tof, sensitivity_cps_per_kbq=5.0)
+    counts = {}
+    chunks = list(sim.simulate_listmode(activity, [0.0], [60.0], seed=2, counts_out=counts))
+    ids = np.concatenate([c.detector_ids for c in chunks])
+    prompt = np.concatenate([c.is_prompt for c in chunks])
+    k = None if tof is None else np.concatenate([c.tof_bin for c in chunks])
+    hist, outside = histogram_events(layout, ids, prompt, tof_bin=k, num_tof_bins=None if tof is None else tof.num_bins)
+    assert outside.sum() == 0
+    np.testing.assert_array_equal(hist[0, 0], counts["prompts"][0].ravel())
+    np.testing.assert_array_equal(hist[1, 0], counts["delayeds"][0].ravel())
+
+
+def test_gap_crystals_never_detect(tmp_path):
+    from recon.io import ListmodeReader, ListmodeWriter
+
+    scanner = Scanner.polygon(8, 4, 8.0, 60.0, 2, 4.0, gap_crystals_per_module=1)
+    layout = SinogramLayout(scanner, 17)
+    grid = ImageGrid((12, 12, 2), 6.0)
+    act = np.full(grid.shape, 5000.0, np.float32)
+    sim = ListmodeSimulator(layout, grid, np.full(grid.shape, 0.0096, np.float32), sensitivity_cps_per_kbq=20.0,
+                            device="cpu", quiet=True)
+    out = sim.simulate_sinograms(act, [0.0], [60.0], seed=0)
+    gap = ~layout.bin_mask()
+    for name in ("trues", "scatter", "randoms", "prompts", "delayeds"):
+        assert np.all(out[name][0][gap] == 0), name
+    path = tmp_path / "lm.h5"
+    with ListmodeWriter(path, scanner) as w:  # validates: no event may name a gap crystal
+        for c in sim.simulate_listmode(act, [0.0], [60.0], seed=0):
+            w.append(c.detector_ids, c.tof_bin, c.time_ms, c.is_prompt)
+    assert ListmodeReader(path).num_events > 100
