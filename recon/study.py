@@ -29,7 +29,6 @@ Every file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import logging
