@@ -23,13 +23,20 @@ The forward model is :class:`recon.system.SystemModel`:
 
 Listmode events are drawn plane-chunk by plane-chunk (bounded memory), then
 split into time slices of at most ``max_events_per_chunk`` events and
-emitted in time order.  Prompt events (trues and scatter) have times
+emitted in time order.  For a :class:`BasisActivity` (activity = sum of fixed
+images with per-frame weights, e.g. regions with their TACs) the basis
+images are projected once and low-count frames are drawn event by event
+(a superposition of one Poisson process per basis image), so the cost
+follows the number of events rather than the number of bins; the scatter
+of such frames is built per basis image with the same per-plane fraction.  Prompt events (trues and scatter) have times
 distributed as ``e^{-λ t}`` within the frame, randoms and delayed events as
 ``e^{-2λ t}`` (their rate goes with the square of the activity).  Delayed
 events (``is_prompt == False``) are an independent Poisson draw of the
 randoms, as a delayed-window estimate would be.
 
 Only ``span == 1`` layouts are accepted: every bin is one detector pair.
+Sampling runs on the host (NumPy); projections use the GPU when the device
+allows (one transfer per plane chunk).
 """
 
 from __future__ import annotations
