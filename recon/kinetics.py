@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -363,18 +364,28 @@ class RegionKinetics:
         K1 / K1'.
     bp_nd : float
         BP_ND = k3 / k4 (2TCM) or the SRTM BP_ND.
-
-    Notes
-    -----
-    ``k2 = R1 k2'`` keeps the non-displaceable distribution volume equal to
-    the reference's (the SRTM assumption).
+    k2_per_min : float, optional
+        k2 of the region (1/min).  ``None`` (default) uses ``R1 k2'``, which
+        keeps the non-displaceable distribution volume ``K1/k2`` equal to the
+        reference's (the SRTM assumption); another value breaks that
+        assumption on purpose (e.g. to test the bias of reference models).
     """
 
     r1: float
     bp_nd: float
+    k2_per_min: Optional[float] = None
 
-    def k2_per_min(self, reference):
-        return self.r1 * reference.k2_per_min
+    def __post_init__(self):
+        if not (np.isfinite(self.r1) and self.r1 > 0):
+            raise ValueError(f"RegionKinetics.r1 must be positive; got {self.r1}")
+        if not (np.isfinite(self.bp_nd) and self.bp_nd >= 0):
+            raise ValueError(f"RegionKinetics.bp_nd must be >= 0; got {self.bp_nd}")
+        if self.k2_per_min is not None and not (np.isfinite(self.k2_per_min) and self.k2_per_min > 0):
+            raise ValueError(f"RegionKinetics.k2_per_min must be positive or None; got {self.k2_per_min}")
+
+    def target_k2_per_min(self, reference):
+        """k2 (1/min): the explicit value, or ``R1 k2'``."""
+        return self.r1 * reference.k2_per_min if self.k2_per_min is None else float(self.k2_per_min)
 
 
 #: Reference region parameters patterned on [11C]AZ10419369 (see AZ10419369_REGIONS).
@@ -490,7 +501,7 @@ def simulate_regional_tacs(
     frame_start_s = np.asarray(frame_start_s, dtype=float)
     frame_end_s = np.asarray(frame_end_s, dtype=float)
     ref_params = regions.get(reference_region)
-    if ref_params is not None and (ref_params.r1 != 1.0 or ref_params.bp_nd != 0.0):
+    if ref_params is not None and (ref_params.r1 != 1.0 or ref_params.bp_nd != 0.0 or ref_params.k2_per_min not in (None, reference.k2_per_min)):
         raise ValueError(f"reference region {reference_region!r} must have r1=1 and bp_nd=0; got {ref_params}")
     t_end = frame_end_s.max() / 60.0
     n = int(math.ceil(t_end / fine_step_min))
@@ -503,7 +514,7 @@ def simulate_regional_tacs(
     for name, rk in regions.items():
         if not isinstance(rk, RegionKinetics):
             raise TypeError(f"regions[{name!r}] must be a RegionKinetics; got {type(rk).__name__}")
-        k2 = rk.k2_per_min(reference)
+        k2 = rk.target_k2_per_min(reference)
         if model == "srtm" or rk.bp_nd == 0.0:
             if model == "srtm":
                 # SRTM on the tissue part; vB is added back from the plasma so that

@@ -266,7 +266,7 @@ def study_truth(config):
                 b = bp * _lognormal(rng, config.test_retest_cv) if bp != 0 else 0.0
                 if ses == "postdose" and group == "drug":
                     b *= 1.0 + config.drug_effect.get(name, 0.0)
-                regions[name] = RegionKinetics(r1, b)
+                regions[name] = RegionKinetics(r1, b, config.regions[name].k2_per_min)
             inj = float(rng.uniform(*config.injected_activity_mbq)) * 1e6
             sessions.append(SessionTruth(sub, ses, group, 0.0 if ses == "baseline" else hours, inj, regions))
     return participants, sessions

@@ -138,3 +138,15 @@ def test_simulated_regional_tacs_models():
     assert cols[:2] == ["frame_start", "frame_end"] and rows.shape == (len(DEFAULT_FRAME_DURATIONS_S), 5)
     with pytest.raises(ValueError, match="reference region"):
         simulate_regional_tacs({"cerebellum": RegionKinetics(1.0, 0.2)})
+
+
+def test_explicit_k2_changes_the_nondisplaceable_volume():
+    # 1TCM region with its own k2: late-time area ratio to the reference is V_T / V_ND' = (K1/k2) / (K1'/k2').
+    ref = ReferenceKinetics(k1=0.3, k2_per_min=0.12, k4_per_min=0.06, blood_volume_fraction=0.0)
+    regions = {"cerebellum": RegionKinetics(1.0, 0.0), "x": RegionKinetics(1.0, 0.0, k2_per_min=0.08)}
+    start, end = frame_times_s([600.0] * 60)
+    res = simulate_regional_tacs(regions, start, end, model="2tcm", plasma=FengInput(l2_per_min=-0.1), reference=ref)
+    ratio = res.tacs["x"].sum() / res.tacs["cerebellum"].sum()
+    assert ratio == pytest.approx(0.12 / 0.08, rel=1e-3)
+    with pytest.raises(ValueError, match="r1 must be positive"):
+        RegionKinetics(0.0, 1.0)
