@@ -400,8 +400,9 @@ AZ10419369_REFERENCE = ReferenceKinetics()
 #: Blood Flow Metab 2011;31:113-123) and the 5-HT1B autoradiography of the
 #: human brain (Varnäs et al. Hum Brain Mapp 2004;22:246-260).  The values
 #: are rounded, plausible numbers for simulation, not a fit to those data.
-#: Non-brain tissue gets R1 < 1 and no specific binding; CSF and ventricles
-#: carry no activity.
+#: Non-brain tissue gets R1 < 1, no specific binding and a smaller
+#: distribution volume than brain (explicit k2); CSF and ventricles carry no
+#: activity.
 AZ10419369_REGIONS = {
     "frontal_cortex": RegionKinetics(1.10, 1.10),
     "temporal_cortex": RegionKinetics(1.05, 0.95),
@@ -418,8 +419,8 @@ AZ10419369_REGIONS = {
     "white_matter": RegionKinetics(0.50, 0.10),
     "cerebellar_white_matter": RegionKinetics(0.50, 0.05),
     "cerebellum": RegionKinetics(1.00, 0.00),
-    "scalp": RegionKinetics(0.30, 0.00),
-    "skull": RegionKinetics(0.05, 0.00),
+    "scalp": RegionKinetics(0.30, 0.00, k2_per_min=0.10),
+    "skull": RegionKinetics(0.05, 0.00, k2_per_min=0.05),
 }
 
 
