@@ -53,6 +53,7 @@ __all__ = [
     "ListmodeSimulator",
     "decay_integral",
     "sample_decay_times",
+    "draw_poisson_sparse",
     "random_crystal_efficiencies",
 ]
 
@@ -149,11 +150,59 @@ def sample_decay_times(rng, n, start_s, end_s, decay_constant_per_s):
     return np.minimum(t, np.nextafter(end_s, start_s))
 
 
+def _seed_sequence(seed):
+    return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+
+
+def draw_poisson_sparse(rng, mean):
+    """Poisson counts of every bin of ``mean``, returned sparse.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    mean : ndarray
+        Expected counts (non-negative).
+
+    Returns
+    -------
+    index : ndarray of int64
+        Flat indices (increasing) of bins with at least one count.
+    counts : ndarray of int64
+
+    Notes
+    -----
+    When the total is below half the number of bins (low-count frames) the
+    draw is ``N ~ Poisson(sum mean)`` followed by ``N`` categorical draws with
+    probabilities ``mean / sum mean`` (inverse CDF on the cumulative sum),
+    which has exactly the distribution of independent Poisson bins and costs
+    ``O(bins + N log bins)`` instead of one Poisson draw per bin.
+    """
+    flat = np.asarray(mean, dtype=np.float64).ravel()
+    total = float(flat.sum())
+    if not total > 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if total < 0.5 * flat.size:
+        cdf = np.cumsum(flat)
+        n = int(rng.poisson(total))
+        u = rng.random(n) * cdf[-1]
+        idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
+        uniq, cnt = np.unique(idx, return_counts=True)
+        return uniq.astype(np.int64), cnt.astype(np.int64)
+    c = rng.poisson(flat)
+    nz = np.flatnonzero(c)
+    return nz.astype(np.int64), c[nz].astype(np.int64)
+
+
 def random_crystal_efficiencies(scanner, rng=None, spread=0.05):
     """Log-normal crystal efficiencies around 1 (relative spread ``spread``), 0 for gaps."""
     rng = np.random.default_rng(rng)
     eff = np.exp(rng.normal(0.0, spread, scanner.num_detectors) - 0.5 * spread**2)
     return eff * scanner.detector_mask()
+
+
+def _dense(sparse, shape):
+    idx, cnt = sparse
+    return np.bincount(idx, cnt, int(np.prod(shape))).astype(np.int64).reshape(shape)
 
 
 def _plane_lors(layout, planes):
@@ -467,18 +516,41 @@ class ListmodeSimulator:
         self._frame_d1 = d1
         return trues, scatter, randoms, i2
 
+    def _scatter_kernel_fft(self):
+        """FFT of the scatter blur over (view, radial); views periodic, radial zero-padded."""
+        if getattr(self, "_scatter_fft", None) is None:
+            layout = self.layout
+            # Radial bin width from the LOR distances to the axis in view 0.
+            start, end = _plane_lors(layout, np.array([0]))
+            d = end[0, 0, :, :2] - start[0, 0, :, :2]
+            dist = (d[:, 0] * start[0, 0, :, 1] - d[:, 1] * start[0, 0, :, 0]) / np.hypot(d[:, 0], d[:, 1])
+            bin_mm = float(np.median(np.abs(np.diff(dist)))) if layout.num_radial > 1 else 1.0
+            sigma_mm = self.scatter_fwhm_mm / 2.3548
+            # Views: arc length at a 100 mm radius (a head) per view step of pi / num_views.
+            sig_v = max(sigma_mm / (100.0 * math.pi / layout.num_views), 1e-3)
+            sig_r = max(sigma_mm / bin_mm, 1e-3)
+            nv, nr = layout.num_views, layout.num_radial
+            half = min(int(math.ceil(3 * sig_r)), 4 * nr)
+            nr_pad = nr + 2 * half
+            jv = np.arange(nv)
+            dv = np.minimum(jv, nv - jv)
+            kv = np.exp(-0.5 * (dv / sig_v) ** 2)
+            jr = np.arange(nr_pad)
+            dr = np.minimum(jr, nr_pad - jr)
+            kr = np.where(dr <= half, np.exp(-0.5 * (dr / sig_r) ** 2), 0.0)
+            kernel = kv[:, None] * kr[None, :]
+            self._scatter_fft = (np.fft.rfft2(kernel / kernel.sum()), nr_pad)
+        return self._scatter_fft
+
     def _scatter_shape(self, emission):
-        """Smooth per-plane shape of the scatter sinogram (each plane sums to 1 where non-zero)."""
-        layout = self.layout
-        # Radial bin width from the LOR distances to the axis in view 0.
-        start, end = _plane_lors(layout, np.array([0]))
-        d = end[0, 0, :, :2] - start[0, 0, :, :2]
-        dist = (d[:, 0] * start[0, 0, :, 1] - d[:, 1] * start[0, 0, :, 0]) / np.hypot(d[:, 0], d[:, 1])
-        bin_mm = float(np.median(np.abs(np.diff(dist)))) if layout.num_radial > 1 else 1.0
-        sigma_mm = self.scatter_fwhm_mm / 2.3548
-        # Views: arc length at a 100 mm radius (a head) per view step of π / num_views.
-        sigma = (0.0, sigma_mm / (100.0 * math.pi / layout.num_views), sigma_mm / bin_mm)
-        smooth = ndimage.gaussian_filter(emission.astype(np.float64), sigma=sigma, mode=("nearest", "wrap", "constant"), truncate=3.0)
+        """Smooth per-plane shape of the scatter sinogram (Gaussian blur over views and radial bins).
+
+        FFT convolution: periodic in the view angle, zero outside the radial range.
+        """
+        kfft, nr_pad = self._scatter_kernel_fft()
+        nr = emission.shape[-1]
+        f = np.fft.rfft2(emission.astype(np.float64), s=(emission.shape[1], nr_pad), axes=(1, 2))
+        smooth = np.fft.irfft2(f * kfft[None], s=(emission.shape[1], nr_pad), axes=(1, 2))[..., :nr]
         return np.maximum(smooth, 0.0)
 
     def expected_chunk(self, act, k, ci, frame_totals):
@@ -551,7 +623,7 @@ class ListmodeSimulator:
         """
         act, fs, fe = self._frames(activity, frame_start_s, frame_end_s)
         totals = self._calibrate(act, fs, fe)
-        seeds = np.random.SeedSequence(seed).spawn(fs.size)
+        seeds = _seed_sequence(seed).spawn(fs.size)
         shape = self.layout.shape + ((self.tof.num_bins,) if self.tof is not None else ())
         out = {name: np.zeros((fs.size,) + shape, dtype=np.float64) for name in ("trues", "scatter", "randoms")}
         for name in ("prompts", "delayeds", "trues_counts", "scatter_counts", "randoms_counts"):
@@ -561,7 +633,7 @@ class ListmodeSimulator:
             for ci, planes in enumerate(self.chunks):
                 t, s, r = self.expected_chunk(act, k, ci, totals)
                 out["trues"][k, planes], out["scatter"][k, planes], out["randoms"][k, planes] = t, s, r
-                ct, cs, cr, cd = rng.poisson(t), rng.poisson(s), rng.poisson(r), rng.poisson(r)
+                ct, cs, cr, cd = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s, r, r))
                 out["trues_counts"][k, planes], out["scatter_counts"][k, planes], out["randoms_counts"][k, planes] = ct, cs, cr
                 out["prompts"][k, planes] = ct + cs + cr
                 out["delayeds"][k, planes] = cd
@@ -595,7 +667,7 @@ class ListmodeSimulator:
         act, fs, fe = self._frames(activity, frame_start_s, frame_end_s)
         totals = self._calibrate(act, fs, fe)
         self.frame_stats = []
-        seeds = np.random.SeedSequence(seed).spawn(fs.size)
+        seeds = _seed_sequence(seed).spawn(fs.size)
         nbins_lor = self.layout.num_bins
         ntof = self.tof.num_bins if self.tof is not None else 1
         if counts_out is not None:
@@ -616,19 +688,22 @@ class ListmodeSimulator:
             sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
             for ci, planes in enumerate(self.chunks):
                 t, s, r = self.expected_chunk(act, k, ci, totals)
-                ct, cs, cr, cd = rng.poisson(t), rng.poisson(s), rng.poisson(r), rng.poisson(r)
-                stats.trues += int(ct.sum())
-                stats.scatter += int(cs.sum())
-                stats.randoms += int(cr.sum())
-                stats.delayeds += int(cd.sum())
+                ct, cs, cr, cd = (draw_poisson_sparse(rng, m) for m in (t, s, r, r))
+                stats.trues += int(ct[1].sum())
+                stats.scatter += int(cs[1].sum())
+                stats.randoms += int(cr[1].sum())
+                stats.delayeds += int(cd[1].sum())
                 offset = int(planes[0]) * (nbins_lor // self.layout.num_planes) * ntof
-                for key, c in (("prompt_decay", ct + cs), ("prompt_randoms", cr), ("delayed", cd)):
-                    flat = c.ravel()
-                    nz = np.flatnonzero(flat)
-                    sparse[key].append((nz + offset, flat[nz]))
+                # Trues and scatter share the e^{-lambda t} time density: merge them.
+                idx_ts = np.concatenate([ct[0], cs[0]])
+                cnt_ts = np.concatenate([ct[1], cs[1]])
+                for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
+                    sparse[key].append((idx + offset, cnt))
                 if counts_out is not None:
-                    counts_out["prompts"][k, planes] = ct + cs + cr
-                    counts_out["delayeds"][k, planes] = cd
+                    size = t.size
+                    dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
+                    counts_out["prompts"][k, planes] = dense_p.reshape(t.shape).astype(np.int64)
+                    counts_out["delayeds"][k, planes] = _dense(cd, t.shape)
                 bar.update(1)
             sparse = {key: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for key, v in sparse.items()}
             total_events = sum(int(c.sum()) for _, c in sparse.values())

@@ -241,3 +241,27 @@ def test_bad_input_is_refused(setup):
         sim.simulate_sinograms(activity[:-1], [0.0], [60.0])
     with pytest.raises(ValueError, match="non-negative"):
         sim.simulate_sinograms(-activity, [0.0], [60.0])
+
+
+@pytest.mark.parametrize("scale", [0.01, 5.0])  # sparse (categorical) and dense (per-bin) regimes
+def test_draw_poisson_sparse_is_poisson_per_bin(scale):
+    from recon.simulate import draw_poisson_sparse
+
+    rng = np.random.default_rng(9)
+    mean = scale * np.array([0.0, 1.0, 3.0, 0.5, 0.0, 2.0, 8.0, 0.2] * 8)
+    k = 4000
+    counts = np.zeros((k, mean.size))
+    for i in range(k):
+        idx, cnt = draw_poisson_sparse(rng, mean)
+        assert np.all(np.diff(idx) > 0) and np.all(cnt > 0)
+        counts[i, idx] = cnt
+    assert np.all(counts[:, mean == 0] == 0)
+    m = mean > 0
+    z = (counts.mean(0)[m] - mean[m]) / np.sqrt(mean[m] / k)
+    assert np.all(np.abs(z) < 5)
+    # Poisson: variance equals mean; independent bins: no correlation between neighbours.
+    # Sample variance of Poisson counts: sd about mean * sqrt((1 / mean + 2) / k).
+    tol = 5 * mean[m] * np.sqrt((1 / mean[m] + 2) / k)
+    assert np.all(np.abs(counts.var(0)[m] - mean[m]) < tol)
+    c = np.corrcoef(counts[:, 1], counts[:, 2])[0, 1]
+    assert abs(c) < 5 / np.sqrt(k)
