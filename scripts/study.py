@@ -48,10 +48,9 @@ Reconstruction model per frame ``k`` (the model of :mod:`recon.system`)::
   prompts ``(y - r)/n`` of each plane are blurred with a wide Gaussian over
   (view, radial) (views periodic) and multiplied by ``n``; the amplitude is
   fitted (least squares) to the *tails*, bins whose LOR misses the
-  attenuating object (``a > 0.98``) and so can only hold scatter (and
-  randoms, already subtracted).  The blur width is chosen among
-  ``SCATTER_FWHM_CANDIDATES_MM`` by the Poisson deviance of the tail fit.
-  This is a simple data-driven model in the spirit of convolution
+  attenuating object (``a > 0.995``) and so can only hold scatter (and
+  randoms, already subtracted).  The blur width is a setting
+  (``--scatter-fwhm-mm``, default 150 mm).  This is a simple data-driven model in the spirit of convolution
   subtraction (Bailey & Meikle 1994) with SSS-style tail scaling; it needs no
   emission image and is computed once per frame.
 
@@ -100,12 +99,14 @@ log = logging.getLogger("petbind.study")
 
 MODEL_CHOICES = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-#: Gaussian blur widths (mm, FWHM) tried by the tail-fitted scatter model.
-SCATTER_FWHM_CANDIDATES_MM = (50.0, 100.0, 150.0, 250.0)
+#: Default Gaussian blur width (mm, FWHM) of the convolution scatter model:
+#: about the width of a head, the scale of single-scatter distributions in
+#: brain sinograms.  The tails alone do not fix it (see estimate_scatter).
+SCATTER_FWHM_MM = 150.0
 #: LORs with an attenuation survival above this miss the object: scatter tails.
-TAIL_ATTENUATION_MIN = 0.98
-#: Atlas regions not fitted by default (outside the brain).
-DEFAULT_EXCLUDED_REGIONS = ("scalp", "skull")
+TAIL_ATTENUATION_MIN = 0.995
+#: Atlas regions not fitted by default: outside the brain, or fluid without receptors.
+DEFAULT_EXCLUDED_REGIONS = ("scalp", "skull", "csf", "ventricles")
 #: Bump when the cached per-frame images would change meaning.
 CACHE_VERSION = 1
 
@@ -164,6 +165,8 @@ class PipelineOptions:
         Random relabelings of the group x time permutation test.
     tof : bool
         Keep TOF bins of TOF files (False sums them).
+    scatter_fwhm_mm : float
+        Blur width of the scatter model (mm).
     """
 
     model: str = "srtm"
@@ -185,6 +188,7 @@ class PipelineOptions:
     post_session: str = "postdose"
     n_permutations: int = 10000
     tof: bool = True
+    scatter_fwhm_mm: float = SCATTER_FWHM_MM
 
     def validate(self):
         if self.model not in MODEL_CHOICES:
@@ -199,13 +203,15 @@ class PipelineOptions:
             math.isfinite(self.sensitivity_cps_per_kbq) and self.sensitivity_cps_per_kbq > 0
         ):
             raise StudyInputError(f"--sensitivity-cps-per-kbq must be positive; got {self.sensitivity_cps_per_kbq}")
+        if not (math.isfinite(self.scatter_fwhm_mm) and self.scatter_fwhm_mm > 0):
+            raise StudyInputError(f"--scatter-fwhm-mm must be positive; got {self.scatter_fwhm_mm}")
         if self.weights not in ("none", "duration", "counts"):
             raise StudyInputError(f"--weights {self.weights!r} is unknown; choose none, duration or counts")
 
     def recon_key(self):
         """Settings that change the reconstructed images (cache key)."""
         d = {k: getattr(self, k) for k in ("iterations", "subsets", "psf_fwhm_mm", "frames", "sensitivity_cps_per_kbq",
-                                           "num_radial", "max_ring_difference", "tof")}
+                                           "num_radial", "max_ring_difference", "tof", "scatter_fwhm_mm")}
         d["cache_version"] = CACHE_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -431,11 +437,13 @@ def _radial_bin_mm(layout):
     return float(np.median(np.abs(np.diff(dist)))) if layout.num_radial > 1 else 1.0
 
 
-def check_field_of_view(atlas, grid, layout, path):
+def check_field_of_view(atlas, grid, layout, path, regions=None):
     """Refuse atlas regions that the sinogram layout does not see.
 
-    Labelled voxel centres must lie inside the transaxial field (radius of
-    the outermost radial bin) and inside the axial extent of the rings.
+    The voxel centres of ``regions`` (all labelled voxels when None) must lie
+    inside the transaxial field (radius of the outermost radial bin) and
+    inside the axial extent of the rings.  Other labelled voxels outside the
+    field are only logged.
 
     Raises
     ------
@@ -448,10 +456,15 @@ def check_field_of_view(atlas, grid, layout, path):
     idx = np.argwhere(atlas.labels > 0)
     xyz = grid.origin_mm[None, :] + idx * grid.voxel_size_mm[None, :]
     r = np.hypot(xyz[:, 0], xyz[:, 1])
-    bad = (r > r_fov) | (xyz[:, 2] < z_lo - 1e-6) | (xyz[:, 2] > z_hi + 1e-6)
+    outside = (r > r_fov) | (xyz[:, 2] < z_lo - 1e-6) | (xyz[:, 2] > z_hi + 1e-6)
+    used = np.ones(len(idx), bool) if regions is None else np.isin(atlas.labels[tuple(idx.T)], [atlas.index_of(n) for n in regions])
+    bad = outside & used
+    if (outside & ~used).any():
+        log.info("%s: %d voxels of unused regions lie outside the field of view", atlas.path, int((outside & ~used).sum()))
     if bad.any():
+        names = sorted({atlas.names[int(v)] for v in atlas.labels[tuple(idx[bad].T)]})
         raise StudyInputError(
-            f"{atlas.path}: {int(bad.sum())} labelled voxels lie outside the field of view of {path} "
+            f"{atlas.path}: {int(bad.sum())} voxels of regions {names} lie outside the field of view of {path} "
             f"(transaxial radius {r_fov:.1f} mm, axial {z_lo:.1f}..{z_hi:.1f} mm); "
             "use a layout with more radial bins (--num-radial) or an atlas inside the scanner"
         )
@@ -558,7 +571,7 @@ def _blur_planes(sino, sigma_views, sigma_radial):
     return ndimage.gaussian_filter1d(out, sigma_radial, axis=2, mode="constant", truncate=3.0)
 
 
-def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_candidates_mm=SCATTER_FWHM_CANDIDATES_MM):
+def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_mm=SCATTER_FWHM_MM):
     """Tail-fitted convolution scatter estimate of one frame (non-TOF).
 
     Parameters
@@ -568,8 +581,8 @@ def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_
         Prompt counts and expected randoms.
     normalisation, attenuation : ndarray, shape layout.shape
         ``n`` and ``a`` of the system model.
-    fwhm_candidates_mm : sequence of float
-        Gaussian widths (FWHM, mm) tried.
+    fwhm_mm : float
+        Width (FWHM, mm) of the Gaussian blur over (view, radial).
 
     Returns
     -------
@@ -579,12 +592,15 @@ def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_
 
     Notes
     -----
-    Shape ``h_w = n ⊙ blur_w(max(y - r, 0) / n)``; amplitude
-    ``c_w = Σ_T (y - r) / Σ_T h_w`` over the tail bins ``T = {a > 0.98, n > 0}``;
-    chosen ``w`` minimises the Poisson deviance of ``y`` against
-    ``r + c_w h_w`` on ``T``.  The view blur is converted at a 100 mm radius
-    (a head).  With no tail bins or no net counts the estimate is zero (and
-    says so in ``info``).
+    Shape ``h = n ⊙ blur(max(y - r, 0) / n)``; amplitude
+    ``c = Σ_T (y - r) / Σ_T h`` over the tail bins ``T = {a > 0.995, n > 0}``
+    (the moment estimate: expected tail counts equal measured ones).  The
+    view blur is converted to views at a 100 mm radius (a head).  With no
+    tail bins or no net counts the estimate is zero (and says so in
+    ``info``).  The width is not fitted: in a head the tails are a thin band
+    holding a few per cent of the scatter, and on simulated data the tail
+    deviance preferred a 50 mm kernel that doubled the scatter inside the
+    head, so a fixed, documented width is the more robust choice.
     """
     valid = normalisation > 0
     net = prompts.astype(np.float64) - randoms
@@ -596,29 +612,20 @@ def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_
         return np.zeros(layout.shape, np.float32), info
     bin_mm = _radial_bin_mm(layout)
     view_mm = 100.0 * math.pi / layout.num_views
-    y_t, r_t = prompts[tails].astype(np.float64), randoms[tails].astype(np.float64)
-    best = None
-    for fwhm in fwhm_candidates_mm:
-        sig = fwhm / 2.3548
-        h = normalisation * _blur_planes(e, sig / view_mm, sig / bin_mm)
-        h_t = h[tails]
-        denom = float(h_t.sum())
-        c = max(float((y_t - r_t).sum()) / denom, 0.0) if denom > 0 else 0.0
-        mu = np.maximum(r_t + c * h_t, 1e-12)
-        dev = 2.0 * float(np.sum(np.where(y_t > 0, y_t * np.log(np.where(y_t > 0, y_t, 1.0) / mu), 0.0) - (y_t - mu)))
-        if best is None or dev < best[0]:
-            best = (dev, fwhm, c, h)
-    _, fwhm, c, h = best
+    sig = float(fwhm_mm) / 2.3548
+    h = normalisation * _blur_planes(e, sig / view_mm, sig / bin_mm)
+    denom = float(h[tails].sum())
+    c = max(float(net[tails].sum()) / denom, 0.0) if denom > 0 else 0.0
     scatter = (c * h).astype(np.float32)
     tot_net = float(np.maximum(net, 0).sum())
-    info.update(fwhm_mm=fwhm, scale=c, scatter_fraction=float(scatter.sum()) / tot_net if tot_net > 0 else 0.0)
+    info.update(fwhm_mm=float(fwhm_mm), scale=c, scatter_fraction=float(scatter.sum()) / tot_net if tot_net > 0 else 0.0)
     return scatter, info
 
 
 # ------------------------------------------------------------------------------------------------
 # reconstruction of one session
 # ------------------------------------------------------------------------------------------------
-def reconstruct_session(session, out_path, options, atlas=None, progress=True):
+def reconstruct_session(session, out_path, options, atlas=None, regions=None, progress=True):
     """Reconstruct every frame of a session into a 4-D NIfTI (Bq/mL) with PET-BIDS JSON.
 
     Parameters
@@ -629,6 +636,8 @@ def reconstruct_session(session, out_path, options, atlas=None, progress=True):
     options : PipelineOptions
     atlas : quant.io.Atlas, optional
         Loaded atlas (the reconstruction grid).
+    regions : list of str, optional
+        Regions that must lie inside the field of view (default all labelled).
     progress : bool
 
     Returns
@@ -672,7 +681,7 @@ def reconstruct_session(session, out_path, options, atlas=None, progress=True):
     tof = reader.tof if options.tof else None
 
     layout = _layout_for(reader, options)
-    check_field_of_view(atlas, grid, layout, path)
+    check_field_of_view(atlas, grid, layout, path, regions)
     device = options.device
     mu = resample_to_grid(np.asarray(corr.mu_map_per_mm, dtype=np.float32), corr.mu_map_affine, grid)
     attenuation = np.asarray(to_numpy(attenuation_factors(mu, SinogramProjector(layout, grid, device=device))), dtype=np.float32)
@@ -721,7 +730,7 @@ def reconstruct_session(session, out_path, options, atlas=None, progress=True):
         delayeds = h.delayeds[0].sum(axis=-1) if tof is not None else h.delayeds[0]
         prompts_nt = prompts.sum(axis=-1) if tof is not None else prompts
         randoms, r_method = estimate_randoms(layout, delayeds, None if singles is None else singles[k])
-        scatter, s_info = estimate_scatter(layout, prompts_nt, randoms, norm, attenuation)
+        scatter, s_info = estimate_scatter(layout, prompts_nt, randoms, norm, attenuation, options.scatter_fwhm_mm)
         additive = randoms + scatter
         if tof is not None:
             # randoms and scatter spread evenly over TOF bins
@@ -814,7 +823,13 @@ def process_session(session, deriv_dir, options, progress=True):
     if options.reference not in atlas.region_names:
         raise StudyInputError(f"{session.atlas_tsv}: reference region '{options.reference}' not in the atlas; "
                               f"available: {atlas.region_names}")
-    regions = [n for n in atlas.region_names if n not in options.exclude_regions]
+    present = set(int(v) for v in np.unique(atlas.labels))
+    empty = [n for n in atlas.region_names if atlas.index_of(n) not in present]
+    if options.reference in empty:
+        raise StudyInputError(f"{session.atlas}: reference region '{options.reference}' has no voxels on the atlas grid")
+    if empty:
+        log.warning("%s: regions %s have no voxels on this grid; they get no TAC and no fit", session.atlas, empty)
+    regions = [n for n in atlas.region_names if n not in options.exclude_regions and n not in empty]
     targets = [n for n in regions if n != options.reference]
     t0 = time.time()
     recon_done = False
@@ -824,7 +839,7 @@ def process_session(session, deriv_dir, options, progress=True):
         except (OSError, json.JSONDecodeError):
             recon_done = False
     if not recon_done:
-        reconstruct_session(session, pet, options, atlas=atlas, progress=progress)
+        reconstruct_session(session, pet, options, atlas=atlas, regions=regions, progress=progress)
         for stale in (tacs, fit):
             if stale.exists():
                 stale.unlink()
@@ -919,12 +934,14 @@ def build_parser():
     p.add_argument("--weights", default="duration", choices=("none", "duration", "counts"),
                    help="frame weights of the fits (default duration)")
     p.add_argument("--exclude-regions", nargs="*", default=list(DEFAULT_EXCLUDED_REGIONS),
-                   help="atlas regions not fitted (default: scalp skull)")
+                   help="atlas regions not fitted (default: scalp skull csf ventricles)")
     p.add_argument("--sensitivity-cps-per-kbq", type=float, default=None,
                    help="compute the calibration κ from this point-source sensitivity instead of the file's "
                         "calibration_factor (simulated studies)")
     p.add_argument("--num-radial", type=int, default=None, help="radial bins (default: range of the events)")
     p.add_argument("--max-ring-difference", type=int, default=None, help="default: range of the events")
+    p.add_argument("--scatter-fwhm-mm", type=float, default=SCATTER_FWHM_MM,
+                   help=f"blur width of the tail-fitted scatter model (mm, default {SCATTER_FWHM_MM:g})")
     p.add_argument("--no-tof", action="store_true", help="sum TOF bins of TOF files")
     p.add_argument("--baseline-session", default="baseline")
     p.add_argument("--post-session", default="postdose")
@@ -943,6 +960,7 @@ def options_from_args(args):
         max_ring_difference=args.max_ring_difference, weights=args.weights,
         exclude_regions=tuple(args.exclude_regions), baseline_session=args.baseline_session,
         post_session=args.post_session, n_permutations=args.n_permutations, tof=not args.no_tof,
+        scatter_fwhm_mm=args.scatter_fwhm_mm,
     )
 
 
