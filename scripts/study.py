@@ -56,7 +56,8 @@ Reconstruction model per frame ``k`` (the model of :mod:`recon.system`)::
 
 OSEM (:class:`recon.osem.SinogramOSEM`, view subsets) is built once per
 session with ``m = κ n a``; frame ``k`` is reconstructed from ``y_k / D_k``
-with additive term ``(r_k + s_k) / D_k``.  This gives exactly the OSEM
+with additive term ``(r_k + s_k) / D_k``, starting from the uniform image
+whose projection reproduces the frame's net counts.  This gives exactly the OSEM
 iterates of the model ``m = κ D_k n a`` (the update ratio
 ``y / (A x + b)`` and ``A^T`` scale together), while the sensitivity images
 are computed once per session instead of once per frame.
@@ -713,6 +714,7 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
     cache.mkdir(parents=True, exist_ok=True)
     key = options.recon_key()
     images = np.zeros(tuple(grid.shape) + (len(frames),), dtype=np.float32)
+    fwd_ones = None
     stats = []
     bar = tqdm(total=len(frames), desc=f"{session.stem} frames", unit="frame", disable=not progress, leave=False)
     for k, (fs, fe) in enumerate(frames):
@@ -737,7 +739,15 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
             additive = np.repeat(additive[..., None] / tof.num_bins, tof.num_bins, axis=-1)
         for model, views in zip(rec.models, rec.subsets):
             model.additive = xp.asarray(additive[:, views] / d, dtype=xp.float32)
-        x = rec.reconstruct(prompts / np.float32(d), options.iterations, progress=False)
+        if fwd_ones is None:
+            fwd_ones = float(sum(float(xp.sum(mdl.forward(xp.ones(grid.shape, dtype=xp.float32)))) for mdl in rec.models))
+        net = float(np.sum(prompts, dtype=np.float64) - np.sum(additive, dtype=np.float64)) / d
+        # Uniform start at the level that reproduces the net counts: from a flat 1 Bq/mL start the
+        # multiplicative updates grow the image by only ~y/a per subset while A x << a, and a few
+        # iterations would stop far below the activity of high-count frames.
+        level = max(net, 0.01 * float(np.sum(prompts, dtype=np.float64)) / d) / fwd_ones if fwd_ones > 0 else 1.0
+        x = rec.reconstruct(prompts / np.float32(d), options.iterations, x0=np.full(grid.shape, level, np.float32),
+                            progress=False)
         images[..., k] = np.asarray(to_numpy(x), dtype=np.float32)
         st = {
             "frame": k, "prompts": int(h.num_prompts[0]), "delayeds": int(h.num_delayeds[0]),
