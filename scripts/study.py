@@ -108,8 +108,8 @@ SCATTER_FWHM_MM = 150.0
 TAIL_ATTENUATION_MIN = 0.995
 #: Atlas regions not fitted by default: outside the brain, or fluid without receptors.
 DEFAULT_EXCLUDED_REGIONS = ("scalp", "skull", "csf", "ventricles")
-#: Bump when the cached per-frame images would change meaning.
-CACHE_VERSION = 1
+#: Bump when the reconstruction changes (cached frames and finished 4-D images are reused only with the same key).
+CACHE_VERSION = 2
 
 __all__ = [
     "PipelineOptions",
@@ -909,7 +909,8 @@ def run_pipeline(study_dir, deriv_dir, options=None):
     progress = not options.quiet
     for s in tqdm(sessions, desc="sessions", unit="session", disable=not progress):
         fit = s.out_dir(deriv_dir) / f"{s.stem}_desc-{options.model}_bpnd.tsv"
-        if fit.exists() and not options.force:
+        bp_map = s.out_dir(deriv_dir) / f"{s.stem}_desc-{options.model}_bpnd.nii.gz"
+        if fit.exists() and (bp_map.exists() or not options.maps) and not options.force:
             log.info("skip %s %s: %s exists (use --force to redo)", s.subject, s.session, fit)
             result["sessions"].append((s.subject, s.session, "skipped"))
             continue
