@@ -73,12 +73,30 @@ def phantom(grid, xp):
     return xp.asarray(img)
 
 
+def random_bins(layout, n, rng):
+    """``n`` random non-gap sinogram bins: LOR end points (mm) and detector pairs,
+    without building the whole (possibly 70-million-bin) layout."""
+    cp = layout.crystal_pairs()  # (views, radial, 2), small
+    mask = layout.scanner.crystal_mask
+    p = rng.integers(0, layout.num_planes, 4 * n)
+    v = rng.integers(0, layout.num_views, 4 * n)
+    r = rng.integers(0, layout.num_radial, 4 * n)
+    c = cp[v, r]
+    ok = mask[c[:, 0]] & mask[c[:, 1]]
+    p, c = p[ok][:n], c[ok][:n]
+    xy = layout.scanner.crystal_xy_mm
+    start = np.concatenate([xy[c[:, 0]], layout.plane_z_mm[p, :1]], axis=1)
+    end = np.concatenate([xy[c[:, 1]], layout.plane_z_mm[p, 1:]], axis=1)
+    first = np.searchsorted(layout.plane_of_ring_pair, np.arange(layout.num_planes))
+    rings = layout.ring_pairs[first][p]
+    ncr = layout.scanner.crystals_per_ring
+    pairs = np.stack([rings[:, 0] * ncr + c[:, 0], rings[:, 1] * ncr + c[:, 1]], axis=1)
+    return start, end, pairs
+
+
 def oracle_rate(layout, grid, tof, img, rng, n_sample):
     """LORs/s of the NumPy oracle on a random sample of the layout's LORs."""
-    st, en = layout.lor_endpoints_mm()
-    st, en = st.reshape(-1, 3), en.reshape(-1, 3)
-    idx = rng.choice(st.shape[0], n_sample, replace=False)
-    s, e = st[idx], en[idx]
+    s, e, _ = random_bins(layout, n_sample, rng)
     t0 = time.perf_counter()
     y = forward_reference(img, s, e, grid, tof)
     tf = time.perf_counter() - t0
@@ -114,9 +132,7 @@ def main(argv=None):
         "nontof": oracle_rate(layout, grid, None, img_np, rng, args.oracle_lors),
         "tof": oracle_rate(layout, grid, tof, img_np, rng, max(args.oracle_lors // 3, 100)),
     }
-    pairs = layout.detector_pairs().reshape(-1, 2)
-    ok = layout.bin_mask().reshape(-1)
-    pairs = pairs[ok][rng.choice(int(ok.sum()), args.listmode_events, replace=True)]
+    _, _, pairs = random_bins(layout, args.listmode_events, rng)
     tof_bins = rng.integers(0, tof.num_bins, pairs.shape[0])
 
     rows = []

@@ -250,6 +250,17 @@ class Scanner:
         return cls.polygon(56, 8, pitch, 328.0, 64, 4.0625, gap_crystals_per_module=1, name="mmr")
 
     @classmethod
+    def hrrt(cls):
+        """Siemens HRRT-like brain scanner: an octagon of 8 flat heads.
+
+        Each head has 9 × 13 blocks of 8 × 8 crystals (2.4375 mm pitch), so
+        72 crystals per head transaxially (576 per ring) and 104 rings; head
+        faces at 234.5 mm from the axis.  The HRRT's two-layer depth of
+        interaction is not modelled.
+        """
+        return cls.polygon(8, 72, 2.4375, 234.5, 104, 2.4375, name="hrrt")
+
+    @classmethod
     def demo(cls):
         """Small brain scanner used by the demo and tests (fast on a CPU).
 

@@ -154,7 +154,7 @@ def _seed_sequence(seed):
     return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
 
 
-def draw_poisson_sparse(rng, mean):
+def draw_poisson_sparse(rng, mean, num_draws=None):
     """Poisson counts of every bin of ``mean``, returned sparse.
 
     Parameters
@@ -168,6 +168,8 @@ def draw_poisson_sparse(rng, mean):
     index : ndarray of int64
         Flat indices (increasing) of bins with at least one count.
     counts : ndarray of int64
+        (With ``num_draws``, a list of ``num_draws`` independent
+        ``(index, counts)`` pairs sharing one cumulative sum.)
 
     Notes
     -----
@@ -177,20 +179,26 @@ def draw_poisson_sparse(rng, mean):
     which has exactly the distribution of independent Poisson bins and costs
     ``O(bins + N log bins)`` instead of one Poisson draw per bin.
     """
-    flat = np.asarray(mean, dtype=np.float64).ravel()
-    total = float(flat.sum())
-    if not total > 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if total < 0.5 * flat.size:
-        cdf = np.cumsum(flat)
-        n = int(rng.poisson(total))
-        u = rng.random(n) * cdf[-1]
-        idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
-        uniq, cnt = np.unique(idx, return_counts=True)
-        return uniq.astype(np.int64), cnt.astype(np.int64)
-    c = rng.poisson(flat)
-    nz = np.flatnonzero(c)
-    return nz.astype(np.int64), c[nz].astype(np.int64)
+    flat = np.asarray(mean).ravel()
+    draws = []
+    total = float(flat.sum(dtype=np.float64))
+    cdf = None
+    for _ in range(1 if num_draws is None else int(num_draws)):
+        if not total > 0:
+            draws.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        elif total < 0.5 * flat.size:
+            if cdf is None:
+                cdf = np.cumsum(flat, dtype=np.float64)
+            n = int(rng.poisson(total))
+            u = rng.random(n) * cdf[-1]
+            idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
+            uniq, cnt = np.unique(idx, return_counts=True)
+            draws.append((uniq.astype(np.int64), cnt.astype(np.int64)))
+        else:
+            c = rng.poisson(flat)
+            nz = np.flatnonzero(c)
+            draws.append((nz.astype(np.int64), c[nz].astype(np.int64)))
+    return draws[0] if num_draws is None else draws
 
 
 def random_crystal_efficiencies(scanner, rng=None, spread=0.05):
@@ -516,9 +524,14 @@ class ListmodeSimulator:
         self._frame_d1 = d1
         return trues, scatter, randoms, i2
 
-    def _scatter_kernel_fft(self):
-        """FFT of the scatter blur over (view, radial); views periodic, radial zero-padded."""
-        if getattr(self, "_scatter_fft", None) is None:
+    def _scatter_setup(self):
+        """Decimation factors and the FFT of the scatter blur on the decimated (view, radial) grid.
+
+        The blur is wide (tens of bins), so it is computed on a grid coarser by
+        ``f`` in views and radial bins (block sums, keeping at least 4 coarse
+        samples per standard deviation) and interpolated back linearly.
+        """
+        if getattr(self, "_scatter_cfg", None) is None:
             layout = self.layout
             # Radial bin width from the LOR distances to the axis in view 0.
             start, end = _plane_lors(layout, np.array([0]))
@@ -530,62 +543,85 @@ class ListmodeSimulator:
             sig_v = max(sigma_mm / (100.0 * math.pi / layout.num_views), 1e-3)
             sig_r = max(sigma_mm / bin_mm, 1e-3)
             nv, nr = layout.num_views, layout.num_radial
-            half = min(int(math.ceil(3 * sig_r)), 4 * nr)
-            nr_pad = nr + 2 * half
-            jv = np.arange(nv)
-            dv = np.minimum(jv, nv - jv)
-            kv = np.exp(-0.5 * (dv / sig_v) ** 2)
-            jr = np.arange(nr_pad)
-            dr = np.minimum(jr, nr_pad - jr)
-            kr = np.where(dr <= half, np.exp(-0.5 * (dr / sig_r) ** 2), 0.0)
+            # Decimation: a divisor of num_views (keeps the view axis periodic).
+            fv = max([f for f in range(1, nv + 1) if nv % f == 0 and f <= max(1.0, sig_v / 4)])
+            fr = max(1, int(sig_r // 4))
+            cv, cr = nv // fv, -(-nr // fr)
+            sv, sr = sig_v / fv, sig_r / fr
+            half = min(int(math.ceil(3 * sr)), 4 * cr)
+            cr_pad = cr + 2 * half
+            jv = np.arange(cv)
+            dv = np.minimum(jv, cv - jv)
+            kv = np.exp(-0.5 * (dv / sv) ** 2)
+            jr = np.arange(cr_pad)
+            dr = np.minimum(jr, cr_pad - jr)
+            kr = np.where(dr <= half, np.exp(-0.5 * (dr / sr) ** 2), 0.0)
             kernel = kv[:, None] * kr[None, :]
-            self._scatter_fft = (np.fft.rfft2(kernel / kernel.sum()), nr_pad)
-        return self._scatter_fft
+            # Linear interpolation from coarse-sample centres back to fine bins.
+            pos_v = (np.arange(nv) + 0.5) / fv - 0.5
+            v0 = np.floor(pos_v).astype(int)
+            wv = pos_v - v0
+            pos_r = np.clip((np.arange(nr) + 0.5) / fr - 0.5, 0, cr - 1)
+            r0 = np.minimum(np.floor(pos_r).astype(int), max(cr - 2, 0))
+            wr = pos_r - r0
+            self._scatter_cfg = dict(
+                fv=fv, fr=fr, cv=cv, cr=cr, cr_pad=cr_pad, kfft=np.fft.rfft2(kernel / kernel.sum()),
+                v0=v0 % cv, v1=(v0 + 1) % cv, wv=wv, r0=r0, r1=np.minimum(r0 + 1, cr - 1), wr=wr,
+            )
+        return self._scatter_cfg
 
     def _scatter_shape(self, emission):
-        """Smooth per-plane shape of the scatter sinogram (Gaussian blur over views and radial bins).
+        """Smooth scatter shape: Gaussian blur over (view, radial) of each plane.
 
-        FFT convolution: periodic in the view angle, zero outside the radial range.
+        Periodic in the view angle, zero outside the radial range; computed on
+        a decimated grid (see :meth:`_scatter_setup`).
         """
-        kfft, nr_pad = self._scatter_kernel_fft()
-        nr = emission.shape[-1]
-        f = np.fft.rfft2(emission.astype(np.float64), s=(emission.shape[1], nr_pad), axes=(1, 2))
-        smooth = np.fft.irfft2(f * kfft[None], s=(emission.shape[1], nr_pad), axes=(1, 2))[..., :nr]
-        return np.maximum(smooth, 0.0)
+        c = self._scatter_setup()
+        p, nv, nr = emission.shape
+        e = np.zeros((p, c["cv"] * c["fv"], c["cr"] * c["fr"]))
+        e[:, :nv, :nr] = emission
+        small = e.reshape(p, c["cv"], c["fv"], c["cr"], c["fr"]).sum(axis=(2, 4))
+        f = np.fft.rfft2(small, s=(c["cv"], c["cr_pad"]), axes=(1, 2))
+        sm = np.fft.irfft2(f * c["kfft"][None], s=(c["cv"], c["cr_pad"]), axes=(1, 2))[..., : c["cr"]]
+        wv = c["wv"][None, :, None]
+        sm = (1 - wv) * sm[:, c["v0"], :] + wv * sm[:, c["v1"], :]
+        wr = c["wr"][None, None, :]
+        sm = (1 - wr) * sm[:, :, c["r0"]] + wr * sm[:, :, c["r1"]]
+        return np.maximum(sm, 0.0)
 
     def expected_chunk(self, act, k, ci, frame_totals):
-        """Expected trues, scatter and randoms of chunk ``ci`` in frame ``k`` (float64 arrays).
+        """Expected trues, scatter and randoms of chunk ``ci`` in frame ``k`` (float32 arrays).
 
         Shapes are ``(planes, views, radial[, tof])``; randoms are spread
-        evenly over TOF bins.
+        evenly over TOF bins.  Per-plane totals are summed in float64.
         """
         planes = self.chunks[ci]
-        kappa_d = self.kappa * self._frame_d1[k]
-        proj = self._projection(act, k, ci).astype(np.float64)
-        n = self.normalisation[planes].astype(np.float64)
-        a = self.attenuation[planes].astype(np.float64)
+        kappa_d = np.float32(self.kappa * self._frame_d1[k])
+        proj = self._projection(act, k, ci)
+        n = self.normalisation[planes]
+        a = self.attenuation[planes]
         tof_axis = self.tof is not None
         lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
-        emission = kappa_d * lor(a) * proj
+        emission = lor(kappa_d * a) * proj
         trues = lor(n) * emission
         trues_nontof = trues.sum(axis=-1) if tof_axis else trues
         em_nontof = emission.sum(axis=-1) if tof_axis else emission
-        shape = n * self._scatter_shape(em_nontof)
+        shape = n * self._scatter_shape(em_nontof).astype(np.float32)
         sf = self.scatter_fraction / (1 - self.scatter_fraction)
-        plane_trues = trues_nontof.sum(axis=(1, 2))
-        plane_shape = shape.sum(axis=(1, 2))
+        plane_trues = trues_nontof.sum(axis=(1, 2), dtype=np.float64)
+        plane_shape = shape.sum(axis=(1, 2), dtype=np.float64)
         scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
-        scatter = shape * scale[:, None, None]
+        scatter = shape * scale.astype(np.float32)[:, None, None]
         if tof_axis:
             # Scatter TOF profile: the trues' profile blurred over two bins, uniform where there are no trues.
             prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
             tot = prof.sum(axis=-1, keepdims=True)
-            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), 1.0 / self.tof.num_bins)
+            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
             scatter = scatter[..., None] * prof
         window_s = self.coincidence_window_ns * 1e-9
-        randoms = window_s * self.singles_scale**2 * frame_totals[3][k] * n
+        randoms = np.float32(window_s * self.singles_scale**2 * frame_totals[3][k]) * n
         if tof_axis:
-            randoms = np.repeat(randoms[..., None] / self.tof.num_bins, self.tof.num_bins, axis=-1)
+            randoms = np.repeat(randoms[..., None] / np.float32(self.tof.num_bins), self.tof.num_bins, axis=-1)
         return trues, scatter, randoms
 
     # -- public entry points --------------------------------------------------------------------
@@ -633,11 +669,173 @@ class ListmodeSimulator:
             for ci, planes in enumerate(self.chunks):
                 t, s, r = self.expected_chunk(act, k, ci, totals)
                 out["trues"][k, planes], out["scatter"][k, planes], out["randoms"][k, planes] = t, s, r
-                ct, cs, cr, cd = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s, r, r))
+                ct, cs = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s))
+                cr, cd = (_dense(d, r.shape) for d in draw_poisson_sparse(rng, r, num_draws=2))
                 out["trues_counts"][k, planes], out["scatter_counts"][k, planes], out["randoms_counts"][k, planes] = ct, cs, cr
                 out["prompts"][k, planes] = ct + cs + cr
                 out["delayeds"][k, planes] = cd
         return out
+
+    # -- drawing counts ---------------------------------------------------------------------------
+    def _frame_counts(self, act, fs, fe, totals, seeds, counts_out):
+        """Yield ``(k, rng, stats, sparse)`` per frame: the drawn counts of each event type, sparse.
+
+        ``sparse[key]`` is a list of ``(flat bin index, count)`` pairs, keys
+        ``prompt_decay`` (trues and scatter), ``prompt_randoms`` and ``delayed``.
+        Low-count frames of a :class:`BasisActivity` with cached projections
+        are drawn in batches, event by event from each basis image's
+        distribution (cost proportional to the events, not to the bins);
+        other frames bin by bin, chunk by chunk.
+        """
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        nbins = self.layout.num_bins * ntof
+        expected = totals[0] + totals[1] + 2 * totals[2]
+        fast = isinstance(act, BasisActivity) and self._basis_projections(act) is not None
+        k = 0
+        while k < fs.size:
+            if fast and expected[k] < 0.5 * nbins:
+                batch = [k]
+                budget = max(20 * self.max_events_per_chunk, expected[k])
+                used = expected[k]
+                while batch[-1] + 1 < fs.size and expected[batch[-1] + 1] < 0.5 * nbins and used + expected[batch[-1] + 1] <= budget:
+                    batch.append(batch[-1] + 1)
+                    used += expected[batch[-1]]
+                yield from self._basis_batch_counts(act, batch, fs, fe, totals, seeds, counts_out)
+                k = batch[-1] + 1
+            else:
+                rng = np.random.default_rng(seeds[k])
+                stats = FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k]))
+                sparse = self._dense_frame_counts(act, k, rng, totals, counts_out, stats)
+                yield k, rng, stats, sparse
+                k += 1
+
+    def _chunk_offset(self, ci):
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        return int(self.chunks[ci][0]) * self.layout.num_views * self.layout.num_radial * ntof
+
+    def _dense_frame_counts(self, act, k, rng, totals, counts_out, stats):
+        sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
+        for ci, planes in enumerate(self.chunks):
+            t, s, r = self.expected_chunk(act, k, ci, totals)
+            ct, cs = draw_poisson_sparse(rng, t), draw_poisson_sparse(rng, s)
+            cr, cd = draw_poisson_sparse(rng, r, num_draws=2)
+            self._collect(sparse, stats, counts_out, k, ci, t.shape, ct, cs, cr, cd)
+        return sparse
+
+    def _collect(self, sparse, stats, counts_out, k, ci, shape, ct, cs, cr, cd):
+        stats.trues += int(ct[1].sum())
+        stats.scatter += int(cs[1].sum())
+        stats.randoms += int(cr[1].sum())
+        stats.delayeds += int(cd[1].sum())
+        offset = self._chunk_offset(ci)
+        # Trues and scatter share the e^{-lambda t} time density: merge them.
+        idx_ts = np.concatenate([ct[0], cs[0]])
+        cnt_ts = np.concatenate([ct[1], cs[1]])
+        for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
+            sparse[key].append((idx + offset, cnt))
+        if counts_out is not None:
+            size = int(np.prod(shape))
+            planes = self.chunks[ci]
+            dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
+            counts_out["prompts"][k, planes] = dense_p.reshape(shape).astype(np.int64)
+            counts_out["delayeds"][k, planes] = _dense(cd, shape)
+
+    def _basis_unit_chunk(self, ci):
+        """Trues and scatter of chunk ``ci`` per unit basis weight and unit ``κ D`` (float32, leading basis axis).
+
+        Scatter is built per basis image with the same recipe as
+        :meth:`expected_chunk` (per-plane fraction), so that summed with the
+        frame weights every plane keeps ``scatter / (trues + scatter) = SF``.
+        """
+        planes = self.chunks[ci]
+        proj = self._basis_cache[ci]
+        nb = proj.shape[0]
+        n = self.normalisation[planes]
+        a = self.attenuation[planes]
+        tof_axis = self.tof is not None
+        lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
+        emission = lor(a)[None] * proj
+        trues = lor(n)[None] * emission
+        trues_nontof = trues.sum(axis=-1) if tof_axis else trues
+        em_nontof = emission.sum(axis=-1) if tof_axis else emission
+        shp = em_nontof.shape
+        shape = n[None] * self._scatter_shape(em_nontof.reshape((-1,) + shp[2:])).reshape(shp).astype(np.float32)
+        sf = self.scatter_fraction / (1 - self.scatter_fraction)
+        plane_trues = trues_nontof.sum(axis=(2, 3), dtype=np.float64)
+        plane_shape = shape.sum(axis=(2, 3), dtype=np.float64)
+        scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
+        scatter = shape * scale.astype(np.float32)[:, :, None, None]
+        if tof_axis:
+            prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
+            tot = prof.sum(axis=-1, keepdims=True)
+            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
+            scatter = scatter[..., None] * prof
+        return trues.reshape(nb, -1), scatter.reshape(nb, -1)
+
+    def _basis_batch_counts(self, act, batch, fs, fe, totals, seeds, counts_out):
+        """Draw a batch of low-count frames of a basis activity, event by event.
+
+        Poisson process superposition: frame ``k``'s trues are the union of
+        independent Poisson processes, one per basis image ``r``, with means
+        ``w_rk κ D_k T_r``; each draws ``N_rk ~ Poisson(w_rk κ D_k sum T_r)``
+        events whose bins are i.i.d. categorical with probabilities
+        ``T_r / sum T_r`` (one inverse-CDF draw serves all frames of the
+        batch).  Scatter likewise; randoms and delayeds follow ``n``.
+        """
+        kk = np.asarray(batch)
+        rngs = {k: np.random.default_rng(seeds[k]) for k in batch}
+        first = seeds[batch[0]]
+        pool_rng = np.random.default_rng(np.random.SeedSequence(first.entropy, spawn_key=tuple(first.spawn_key) + (1 << 30,)))
+        stats = {k: FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k])) for k in batch}
+        sparse = {k: {"prompt_decay": [], "prompt_randoms": [], "delayed": []} for k in batch}
+        weights = np.asarray(act.weights, dtype=np.float64)[:, kk] * (self.kappa * self._frame_d1[kk])[None, :]
+        ntof = self.tof.num_bins if self.tof is not None else 1
+        window_s = self.coincidence_window_ns * 1e-9
+        rand_scale = window_s * self.singles_scale**2 * totals[3][kk]
+
+        def pooled(unit, counts_per_frame):
+            """Bin indices of ``sum(counts)`` i.i.d. draws from ``unit``, split by frame."""
+            m = int(counts_per_frame.sum())
+            if m == 0:
+                return [np.zeros(0, np.int64)] * len(batch)
+            cdf = np.cumsum(unit, dtype=np.float64)
+            idx = np.minimum(np.searchsorted(cdf, pool_rng.random(m) * cdf[-1], side="right"), unit.size - 1)
+            return np.split(idx, np.cumsum(counts_per_frame)[:-1])
+
+        def sparse_of(idx):
+            u, c = np.unique(idx, return_counts=True)
+            return u.astype(np.int64), c.astype(np.int64)
+
+        for ci, planes in enumerate(self.chunks):
+            trues, scatter = self._basis_unit_chunk(ci)
+            shape = (len(planes), self.layout.num_views, self.layout.num_radial) + ((ntof,) if self.tof is not None else ())
+            events = {k: {"t": [], "s": []} for k in batch}
+            for name, unit in (("t", trues), ("s", scatter)):
+                tot = unit.sum(axis=1, dtype=np.float64)
+                for r in range(unit.shape[0]):
+                    if tot[r] <= 0:
+                        continue
+                    counts = np.array([rngs[k].poisson(max(weights[r, j], 0.0) * tot[r]) for j, k in enumerate(batch)])
+                    for k, idx in zip(batch, pooled(unit[r], counts)):
+                        events[k][name].append(idx)
+            n = self.normalisation[planes].ravel()
+            nsum = float(n.sum(dtype=np.float64))
+            rand_counts = [np.array([rngs[k].poisson(rand_scale[j] * nsum) for j, k in enumerate(batch)]) for _ in range(2)]
+            rand_idx = []
+            for counts in rand_counts:
+                lors = pooled(n, counts)
+                if self.tof is not None:
+                    # Randoms are uniform over TOF bins.
+                    lors = [lo * ntof + pool_rng.integers(0, ntof, lo.size) for lo in lors]
+                rand_idx.append(lors)
+            for j, k in enumerate(batch):
+                ct = sparse_of(np.concatenate(events[k]["t"] or [np.zeros(0, np.int64)]))
+                cs = sparse_of(np.concatenate(events[k]["s"] or [np.zeros(0, np.int64)]))
+                cr = sparse_of(rand_idx[0][j])
+                cd = sparse_of(rand_idx[1][j])
+                self._collect(sparse[k], stats[k], counts_out, k, ci, shape, ct, cs, cr, cd)
+        for k in batch:
+            yield k, rngs[k], stats[k], sparse[k]
 
     def simulate_listmode(self, activity, frame_start_s, frame_end_s, seed=None, counts_out=None):
         """Generate listmode events in time order, chunk by chunk.
@@ -680,31 +878,9 @@ class ListmodeSimulator:
         cpairs = self.layout.crystal_pairs().reshape(-1, 2)
         ncr = self.layout.scanner.crystals_per_ring
         lam = self.decay_constant_per_s
-        bar = tqdm(total=fs.size * len(self.chunks), desc="simulating listmode", disable=self.quiet)
-        for k in range(fs.size):
-            rng = np.random.default_rng(seeds[k])
-            stats = FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k]))
-            # Draw counts per bin, kept sparse: (flat bin index, count) per event type.
-            sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
-            for ci, planes in enumerate(self.chunks):
-                t, s, r = self.expected_chunk(act, k, ci, totals)
-                ct, cs, cr, cd = (draw_poisson_sparse(rng, m) for m in (t, s, r, r))
-                stats.trues += int(ct[1].sum())
-                stats.scatter += int(cs[1].sum())
-                stats.randoms += int(cr[1].sum())
-                stats.delayeds += int(cd[1].sum())
-                offset = int(planes[0]) * (nbins_lor // self.layout.num_planes) * ntof
-                # Trues and scatter share the e^{-lambda t} time density: merge them.
-                idx_ts = np.concatenate([ct[0], cs[0]])
-                cnt_ts = np.concatenate([ct[1], cs[1]])
-                for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
-                    sparse[key].append((idx + offset, cnt))
-                if counts_out is not None:
-                    size = t.size
-                    dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
-                    counts_out["prompts"][k, planes] = dense_p.reshape(t.shape).astype(np.int64)
-                    counts_out["delayeds"][k, planes] = _dense(cd, t.shape)
-                bar.update(1)
+        bar = tqdm(total=fs.size, desc="simulating listmode", disable=self.quiet)
+        for k, rng, stats, sparse in self._frame_counts(act, fs, fe, totals, seeds, counts_out):
+            bar.update(1)
             sparse = {key: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for key, v in sparse.items()}
             total_events = sum(int(c.sum()) for _, c in sparse.values())
             num_slices = max(1, math.ceil(total_events / self.max_events_per_chunk))

@@ -42,6 +42,18 @@ def test_polygon_modules_are_flat():
     np.testing.assert_allclose(np.diff(module[:, 1]), 4.0)
 
 
+def test_hrrt_preset_is_an_octagon():
+    s = Scanner.hrrt()
+    assert s.crystals_per_ring == 576 and s.num_rings == 104
+    phi = np.arctan2(s.crystal_xy_mm[:, 1], s.crystal_xy_mm[:, 0])
+    # each head's crystals lie on a line at 234.5 mm whose normal is the head's direction
+    for head in range(8):
+        xy = s.crystal_xy_mm[head * 72:(head + 1) * 72]
+        normal = np.array([np.cos(head * np.pi / 4), np.sin(head * np.pi / 4)])
+        np.testing.assert_allclose(xy @ normal, 234.5, atol=1e-9)
+    assert np.ptp(phi) > 0
+
+
 def test_mmr_preset():
     s = Scanner.mmr()
     assert s.crystals_per_ring == 504 and s.num_rings == 64

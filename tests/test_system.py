@@ -110,3 +110,32 @@ def test_normalisation_and_randoms_from_crystal_values(span):
     np.testing.assert_allclose(r, _loop_pairs(layout, singles * scanner.detector_mask()) * 4e-9 * 10.0, rtol=1e-12)
     with pytest.raises(ValueError, match="one value per detector"):
         normalisation_factors(layout, eff[:-1])
+
+
+@pytest.mark.parametrize("tof", [None, "tof"])
+def test_system_model_with_real_projector(tof):
+    from recon.geometry import TOFParameters
+    from recon.projector import SinogramProjector
+    from recon.system import LORProjector
+
+    scanner = Scanner.cylindrical(50.0, 24, 3, 4.0)
+    layout = SinogramLayout(scanner, 11)
+    grid = ImageGrid((10, 10, 3), 5.0)
+    t = TOFParameters(5, 15.0, 300.0) if tof else None
+    proj = SinogramProjector(layout, grid, tof=t, device="cpu")
+    rng = np.random.default_rng(6)
+    eff = rng.uniform(0.8, 1.2, scanner.num_detectors)
+    mu = np.full(grid.shape, 0.0096, np.float32)
+    m = normalisation_factors(layout, eff) * attenuation_factors(mu, proj)
+    model = SystemModel(proj, multiplicative=m, resolution=6.0, grid=grid)
+    assert model.adjointness_error(rng=7, dtype=np.float64) < 1e-5
+    sens = model.sensitivity()
+    mm = np.broadcast_to(m[..., None], proj.out_shape) if tof else m
+    expected = GaussianFilter(grid, 6.0).back(proj.back(np.ascontiguousarray(mm, dtype=np.float32)))
+    np.testing.assert_allclose(sens, expected, rtol=1e-5, atol=1e-6 * expected.max())
+    # The LOR projector of a plane subset equals those planes of the sinogram projector.
+    start, end = layout.lor_endpoints_mm()
+    lp = LORProjector(start[2:5], end[2:5], grid, tof=t, device="cpu")
+    x = rng.random(grid.shape).astype(np.float32)
+    np.testing.assert_allclose(lp.forward(x), proj.forward(x)[2:5], rtol=1e-5, atol=1e-6)
+    assert lp.adjointness_error(rng=8, dtype=np.float32) < 1e-5

@@ -61,6 +61,11 @@ _NUMPY_SCALARS = {"i": np.int32, "f": np.float32, "q": np.int64}
 #: Architecture the tests compile for with NVRTC (Hopper).
 DEFAULT_NVRTC_ARCH = "sm_90"
 
+#: NVRTC options of the GPU build; the no-GPU compile check uses the same ones.
+#: (No --std: NVRTC's default dialect, C++17 since CUDA 11, is what the source
+#: needs, and CuPy may pass its own.)
+GPU_OPTIONS = ("-use_fast_math",)
+
 
 def kernel_source(name="joseph"):
     """The kernel source ``recon/kernels/<name>.cu`` with local headers inlined."""
@@ -222,7 +227,7 @@ def gpu_module(name="joseph", defines=()):
     key = (name, cupy.cuda.runtime.getDevice(), tuple(defines))
     mod = _gpu_modules.get(key)
     if mod is None:
-        options = ("--std=c++17", "-use_fast_math") + tuple(f"-D{d}" for d in defines)
+        options = GPU_OPTIONS + tuple(f"-D{d}" for d in defines)
         mod = cupy.RawModule(code=kernel_source(name), options=options)
         _gpu_modules[key] = mod
     return mod
@@ -297,7 +302,7 @@ def nvrtc_compile(name="joseph", arch=DEFAULT_NVRTC_ARCH, options=()):
     if rc != 0:
         raise RuntimeError(f"nvrtcCreateProgram failed with code {rc}")
     arch_opt = arch if arch.startswith("compute_") else arch.replace("sm_", "compute_")
-    opts = [f"--gpu-architecture={arch_opt}", "--std=c++17", "-use_fast_math", *options]
+    opts = [f"--gpu-architecture={arch_opt}", *GPU_OPTIONS, *options]
     c_opts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     try:
         rc = nvrtc.nvrtcCompileProgram(prog, len(opts), c_opts)
