@@ -1,0 +1,306 @@
+"""End-to-end tests of scripts/study.py on a tiny simulated study.
+
+One subject (drug group) with a baseline and a post-dose session is simulated
+once per module with :func:`recon.study.simulate_study` on a small scanner
+(96 crystals x 14 rings of 10 mm, 8 mm voxels, 9 frames over 60 min), with
+the noise-free activity images written next to the listmode data.  Those
+images are the simulator's *input*, so they are an independent oracle for
+the reconstructed Bq/mL; the BP_ND oracle is ``ground_truth.tsv``.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import study  # noqa: E402
+
+from recon.geometry import Scanner  # noqa: E402
+
+# recon.study is written on branch `sim`; until it is merged this module is
+# reported as skipped with this reason (not silently).
+_rstudy = pytest.importorskip("recon.study", reason="recon.study (branch sim) is not merged yet")
+StudyConfig, simulate_study = _rstudy.StudyConfig, _rstudy.simulate_study
+
+SENSITIVITY_CPS_PER_KBQ = 1.0
+FRAMES_S = (60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 600.0, 600.0, 900.0)
+#: Large regions (tens of voxels at 8 mm) used for the checks.
+LARGE_REGIONS = ("frontal_cortex", "temporal_cortex", "parietal_cortex", "occipital_cortex")
+
+
+def _config(num_subjects=1, **kw):
+    return StudyConfig(
+        num_subjects=num_subjects,
+        scanner=Scanner.cylindrical(160.0, 96, 14, 10.0, name="tiny"),
+        num_radial=40,
+        max_ring_difference=6,
+        head_offset_mm=(0.0, 0.0, -10.0),
+        voxel_size_mm=8.0,
+        frame_durations_s=FRAMES_S,
+        sensitivity_cps_per_kbq=SENSITIVITY_CPS_PER_KBQ,
+        quiet=True,
+        device="cpu",
+        seed=3,
+        **kw,
+    )
+
+
+def _args(study_dir, out, *extra):
+    return [str(study_dir), "--out", str(out), "--sensitivity-cps-per-kbq", str(SENSITIVITY_CPS_PER_KBQ),
+            "--device", "cpu", "--iterations", "2", "--subsets", "6", "--n-permutations", "100", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    raw = root / "raw"
+    simulate_study(raw, _config(write_images="true"))
+    out = root / "deriv"
+    rc = study.main(_args(raw, out))
+    assert rc == 0
+    return raw, out
+
+
+def _read_tsv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _recon(out, ses):
+    p = out / "sub-01" / f"ses-{ses}" / "pet" / f"sub-01_ses-{ses}_rec-osem_pet.nii.gz"
+    return nib.load(str(p)), json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
+
+
+def test_outputs_and_sidecar(tiny):
+    raw, out = tiny
+    img, side = _recon(out, "baseline")
+    atlas = nib.load(str(raw / "sub-01" / "anat" / "sub-01_atlas.nii.gz"))
+    assert img.shape == atlas.shape + (len(FRAMES_S),)
+    np.testing.assert_allclose(img.affine, atlas.affine)
+    assert side["Units"] == "Bq/mL" and side["ReconMethodName"] == "OSEM"
+    assert side["ReconMethodParameterValues"] == [2, 6]
+    np.testing.assert_allclose(side["FrameDuration"], FRAMES_S)
+    np.testing.assert_allclose(side["FrameTimesStart"], np.concatenate([[0.0], np.cumsum(FRAMES_S)[:-1]]))
+    # the fit table is the petbind-quant fit format
+    rows = _read_tsv(out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv")
+    from quant.cli import FIT_COLUMNS
+
+    assert list(rows[0])[: len(FIT_COLUMNS)] == FIT_COLUMNS
+    assert {r["region"] for r in rows} >= set(LARGE_REGIONS)
+    assert "cerebellum" not in {r["region"] for r in rows} and "scalp" not in {r["region"] for r in rows}
+    assert (out / "group" / "subject_changes.tsv").exists() and (out / "group" / "within_group.tsv").exists()
+    assert (out / "participants.tsv").exists()
+    assert not (out / "sub-01" / "ses-baseline" / "pet" / ".frames").exists()  # cache removed when done
+
+
+def test_quantitation_against_true_activity(tiny):
+    """Reconstructed Bq/mL vs the simulator's input image.
+
+    Whole-brain mean (all labelled brain voxels) of each frame from 5 min on:
+    a sum over ~1000 voxels is insensitive to resolution and OSEM
+    convergence, and the frames hold >= 1e5 prompts (noise < 1 %), so what
+    is left is the correction chain: calibration κ, decay integral,
+    normalisation, attenuation, randoms and the scatter model (scatter is
+    35 % of the net counts; a 15 % error of the scatter estimate moves the
+    image by ~8 %).  Tolerance 10 % (measured: 0.96-0.98).
+    """
+    raw, out = tiny
+    img, side = _recon(out, "baseline")
+    true = nib.load(str(raw / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_pet.nii.gz")).get_fdata()
+    labels = np.asarray(nib.load(str(raw / "sub-01" / "anat" / "sub-01_atlas.nii.gz")).dataobj)
+    brain = labels > 2  # not background, scalp, skull
+    rec = img.get_fdata()
+    late = np.asarray(side["FrameTimesStart"]) >= 300
+    ratios = [rec[..., k][brain].mean() / true[..., k][brain].mean() for k in np.flatnonzero(late)]
+    np.testing.assert_allclose(ratios, 1.0, rtol=0.10)
+
+
+def _truth(raw):
+    return {(r["session"], r["region"]): float(r["bp_nd"]) for r in _read_tsv(raw / "ground_truth.tsv")}
+
+
+def test_bpnd_recovery(tiny):
+    """Regional BP_ND of large cortical regions vs ground_truth.tsv.
+
+    Expected bias: at 8 mm voxels the cortex (a few mm thick) is mixed with
+    white matter and CSF in every voxel (partial volume): an SRTM fit of the
+    simulator's noise-free input image on this grid already gives BP_ND
+    about 25 % low.  2 x 6 OSEM sub-iterations without a PSF model do not
+    recover full contrast either, which costs about another 25 % (measured
+    in total: -43 % to -47 % in these regions).  Both lower target TACs
+    relative to the large cerebellum, never raise them, so the check is
+    one-sided-wide: every large region within [-60 %, +20 %] of the truth,
+    and the mean post/baseline *ratio* (where a multiplicative bias
+    cancels) within 0.15 of the true one.
+    """
+    raw, out = tiny
+    truth = _truth(raw)
+    est = {}
+    for ses in ("baseline", "postdose"):
+        for r in _read_tsv(out / "sub-01" / f"ses-{ses}" / "pet" / f"sub-01_ses-{ses}_desc-srtm_bpnd.tsv"):
+            est[(f"ses-{ses}", r["region"])] = float(r["bp_nd"])
+    for ses in ("ses-baseline", "ses-postdose"):
+        for region in LARGE_REGIONS:
+            rel = est[(ses, region)] / truth[(ses, region)] - 1
+            assert -0.60 <= rel <= 0.20, (ses, region, est[(ses, region)], truth[(ses, region)])
+    true_ratio = np.array([truth[("ses-postdose", r)] / truth[("ses-baseline", r)] for r in LARGE_REGIONS])
+    est_ratio = np.array([est[("ses-postdose", r)] / est[("ses-baseline", r)] for r in LARGE_REGIONS])
+    np.testing.assert_allclose(est_ratio.mean(), true_ratio.mean(), atol=0.15)
+
+
+def test_resume_skips_and_force_redoes(tiny, caplog):
+    raw, out = tiny
+    fit = out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv"
+    pet = out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_rec-osem_pet.nii.gz"
+    before = (fit.stat().st_mtime_ns, pet.stat().st_mtime_ns)
+    opts = study.options_from_args(study.build_parser().parse_args(_args(raw, out)))
+    with caplog.at_level(logging.INFO, logger="petbind.study"):
+        res = study.run_pipeline(raw, out, opts)
+    assert [r[2] for r in res["sessions"]] == ["skipped", "skipped"]
+    assert any("skip sub-01 ses-baseline" in m for m in caplog.messages)
+    assert (fit.stat().st_mtime_ns, pet.stat().st_mtime_ns) == before
+    # --force on a different model: recon redone too (force), fit written for the new model
+    opts.force = True
+    opts.model = "mrtm"
+    res = study.run_pipeline(raw, out, opts)
+    assert [r[2] for r in res["sessions"]] == ["done", "done"]
+    assert pet.stat().st_mtime_ns > before[1]
+    assert fit.with_name("sub-01_ses-baseline_desc-mrtm_bpnd.tsv").exists()
+
+
+def test_interrupted_session_resumes_from_frame_cache(tiny, tmp_path, monkeypatch):
+    """Frames cached before an interruption are not reconstructed again."""
+    raw, _ = tiny
+    out = tmp_path / "deriv"
+    opts = study.options_from_args(study.build_parser().parse_args(_args(raw, out)))
+    sessions = study.find_sessions(raw)
+    calls = []
+    real = study.estimate_scatter
+
+    class Interrupted(Exception):
+        pass
+
+    armed = [True]
+
+    def counting(*a, **kw):
+        calls.append(1)
+        if armed[0] and len(calls) == 4:
+            raise Interrupted
+        return real(*a, **kw)
+
+    monkeypatch.setattr(study, "estimate_scatter", counting)
+    pet = sessions[0].out_dir(out) / "x_pet.nii.gz"
+    pet.parent.mkdir(parents=True)
+    with pytest.raises(Interrupted):
+        study.reconstruct_session(sessions[0], pet, opts, regions=["cerebellum", *LARGE_REGIONS], progress=False)
+    assert len(list((pet.parent / ".frames").glob("frame-*.npz"))) == 3
+    assert not pet.exists()
+    calls.clear()
+    armed[0] = False
+    study.reconstruct_session(sessions[0], pet, opts, regions=["cerebellum", *LARGE_REGIONS], progress=False)
+    assert len(calls) == len(FRAMES_S) - 3
+    assert pet.exists()
+
+
+def _copy_study(raw, dst):
+    import shutil
+
+    shutil.copytree(raw, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["sidecar", "sidecar_field", "atlas", "mumap", "model"])
+def test_bad_input_exit_2(tiny, tmp_path, capsys, case):
+    raw, _ = tiny
+    src = _copy_study(raw, tmp_path / "raw")
+    pet = src / "sub-01" / "ses-baseline" / "pet"
+    extra = []
+    if case == "sidecar":
+        (pet / "sub-01_ses-baseline_pet.json").unlink()
+        expect = ["sub-01_ses-baseline_pet.json", "FrameTimesStart"]
+    elif case == "sidecar_field":
+        p = pet / "sub-01_ses-baseline_pet.json"
+        d = json.loads(p.read_text())
+        del d["FrameDuration"]
+        p.write_text(json.dumps(d))
+        expect = ["sub-01_ses-baseline_pet.json", "FrameDuration"]
+    elif case == "atlas":
+        (src / "sub-01" / "anat" / "sub-01_atlas.nii.gz").unlink()
+        expect = ["sub-01_atlas.nii.gz", "atlas"]
+    elif case == "mumap":
+        import h5py
+
+        with h5py.File(pet / "sub-01_ses-baseline_pet-listmode.h5", "a") as f:
+            del f["corrections/mu_map_per_mm"]
+            del f["corrections/mu_map_affine"]
+        expect = ["sub-01_ses-baseline_pet-listmode.h5", "mu_map_per_mm"]
+    else:
+        extra = ["--model", "nonsense"]
+        expect = ["--model", "nonsense"]
+    with pytest.raises(SystemExit) if case == "model" else _no_raise() as exc:
+        rc = study.main(_args(src, tmp_path / "out", *extra))
+    if case == "model":
+        rc = exc.value.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert all(e in err for e in expect), err
+    if case != "model":
+        assert len(lines) == 1 and lines[0].startswith("study.py: error:")
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_decay_integral_and_kappa_oracles():
+    """D = ∫ e^{-λt} dt against quadrature; κ against the simulator's own definition."""
+    from scipy import integrate
+
+    lam = math.log(2) / 1221.84
+    d = study.decay_integral_s(300.0, 900.0, 1221.84)
+    assert d == pytest.approx(integrate.quad(lambda t: math.exp(-lam * t), 300, 900)[0], rel=1e-10)
+    from recon.geometry import ImageGrid, SinogramLayout
+    from recon.io import ListmodeCorrections
+    from recon.simulate import ListmodeSimulator
+
+    sc = Scanner.cylindrical(100.0, 48, 4, 8.0)
+    lay = SinogramLayout(sc, 21)
+    grid = ImageGrid((12, 12, 4), 8.0)
+    sim = ListmodeSimulator(lay, grid, sensitivity_cps_per_kbq=2.5, device="cpu", quiet=True)
+    k, _ = study.calibration_kappa(lay, grid, ListmodeCorrections(), 2.5, "cpu")
+    assert k == pytest.approx(sim.kappa, rel=1e-6)
+    k2, src = study.calibration_kappa(lay, grid, ListmodeCorrections(calibration_factor=4.0), None, "cpu")
+    assert k2 == 0.25 and "calibration_factor" in src
+
+
+def test_mu_map_resampling_reproduces_linear_field():
+    """Trilinear resampling is exact for a linear field (interior voxels); same grid is a no-op."""
+    from recon.geometry import ImageGrid
+
+    src = ImageGrid((20, 22, 18), 2.0, origin_mm=(-19.0, -21.0, -17.0))
+    dst = ImageGrid((7, 9, 7), (5.0, 4.5, 4.0), origin_mm=(-15.0, -17.0, -12.0))
+
+    def field(grid):
+        c = [grid.origin_mm[a] + np.arange(grid.shape[a]) * grid.voxel_size_mm[a] for a in range(3)]
+        x, y, z = np.meshgrid(*c, indexing="ij")
+        return 0.01 + 1e-4 * x - 2e-4 * y + 3e-4 * z
+
+    out = study.resample_to_grid(field(src), src.affine, dst)
+    np.testing.assert_allclose(out, field(dst), rtol=1e-5, atol=1e-7)
+    same = study.resample_to_grid(field(dst), dst.affine, dst)
+    np.testing.assert_array_equal(same, field(dst).astype(np.float32))
