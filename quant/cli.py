@@ -365,7 +365,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=MODEL_CHOICES, help="kinetic model")
     p.add_argument("--weights", default="none", choices=WEIGHT_CHOICES,
-                   help="frame weights: none, frame duration, or counts (duration x decay-corrected activity)")
+                   help="frame weights: none, frame duration, or counts (Mazoyer 1986: w = duration x decay factor / decay-corrected reference activity, i.e. 1/variance of Poisson counts)")
     p.add_argument("--tstar-min", type=float, default=None,
                    help="start of the linear part (min) for mrtm/mrtm2/logan")
     p.add_argument("--k2prime-per-min", type=float, default=None,
