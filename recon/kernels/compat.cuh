@@ -23,16 +23,23 @@ PB_DEVICE void pb_atomic_add(float* address, float value) { atomicAdd(address, v
 #include <omp.h>
 #endif
 
-#define PB_DEVICE static inline
-#define PB_METHOD inline
+// always_inline: once the ray walker is inlined into each kernel, the
+// per-LOR accumulators of the sample operations live in registers (a
+// non-inlined walker keeps them in memory and serialises every sample on a
+// store-to-load round trip).
+#define PB_DEVICE static inline __attribute__((always_inline))
+#define PB_METHOD inline __attribute__((always_inline))
 #define PB_KERNEL static inline
 
 struct pb_dim3 {
     unsigned int x, y, z;
 };
-static thread_local pb_dim3 blockIdx = {0, 0, 0};
-static thread_local pb_dim3 threadIdx = {0, 0, 0};
-static thread_local pb_dim3 blockDim = {1, 1, 1};
+// initial-exec: a thread-local read is then one %fs-relative load instead of
+// a __tls_get_addr call, which matters because every LOR reads these.
+#define PB_TLS static thread_local __attribute__((tls_model("initial-exec")))
+PB_TLS pb_dim3 blockIdx = {0, 0, 0};
+PB_TLS pb_dim3 threadIdx = {0, 0, 0};
+PB_TLS pb_dim3 blockDim = {1, 1, 1};
 
 // <math.h> declares the single-precision functions (floorf, erff, ...)
 // that NVRTC provides as built-ins, so kernel bodies need no #ifdefs.
@@ -40,7 +47,7 @@ static thread_local pb_dim3 blockDim = {1, 1, 1};
 
 // Set while a thread accumulates into its own private copy of the output
 // (see pb_launch_accumulate): then no atomic is needed.
-static thread_local bool pb_private_output = false;
+PB_TLS bool pb_private_output = false;
 
 PB_DEVICE void pb_atomic_add(float* address, float value) {
     if (pb_private_output) {

@@ -18,6 +18,10 @@
 // each sample is weighted by the ray length between planes.
 #include "compat.cuh"
 
+// Plain comparisons: fminf/fmaxf may become library calls on the host.
+PB_DEVICE float pb_min(float a, float b) { return a < b ? a : b; }
+PB_DEVICE float pb_max(float a, float b) { return a > b ? a : b; }
+
 // Intersect [ilo, ihi] with the plane indices i for which
 // lo <= x0 + i * dx <= hi.  Returns false when the result is empty.
 PB_DEVICE bool clip_plane_range(float x0, float dx, float lo, float hi, float& ilo, float& ihi) {
@@ -29,8 +33,8 @@ PB_DEVICE bool clip_plane_range(float x0, float dx, float lo, float hi, float& i
         e1 = e2;
         e2 = tmp;
     }
-    ilo = fmaxf(ilo, e1);
-    ihi = fminf(ihi, e2);
+    ilo = pb_max(ilo, e1);
+    ihi = pb_min(ihi, e2);
     return ilo <= ihi;
 }
 
@@ -45,8 +49,41 @@ struct JosephRay {
     float step_mm;     // ray length per plane (mm)
 };
 
+// The four image neighbours of a sample in its plane and the bilinear
+// fractions along b and c.  Index -1 marks a neighbour outside the image
+// (only possible when Checked).
+struct Bilinear {
+    int idx[4];  // (jb, jc), (jb+1, jc), (jb, jc+1), (jb+1, jc+1)
+    float wb, wc;
+
+    template <bool Checked>
+    PB_METHOD float corner(const float* image, int q) const {
+        return (!Checked || idx[q] >= 0) ? image[idx[q]] : 0.0f;
+    }
+
+    // Interpolated image value (two lerps along b, one along c).
+    template <bool Checked>
+    PB_METHOD float gather(const float* image) const {
+        const float v0 = corner<Checked>(image, 0);
+        const float v1 = corner<Checked>(image, 1);
+        const float v2 = corner<Checked>(image, 2);
+        const float v3 = corner<Checked>(image, 3);
+        const float lo = v0 + wb * (v1 - v0);
+        const float hi = v2 + wb * (v3 - v2);
+        return lo + wc * (hi - lo);
+    }
+
+    // Adjoint of gather: add value x weight to each neighbour.
+    template <bool Checked>
+    PB_METHOD void scatter(float* image, float value) const {
+        const float w[4] = {(1.0f - wb) * (1.0f - wc), wb * (1.0f - wc), (1.0f - wb) * wc, wb * wc};
+        for (int q = 0; q < 4; ++q)
+            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * value);
+    }
+};
+
 // One Joseph sample at plane i; Checked marks neighbours outside the image
-// with index -1 (the interior range skips those tests).
+// (the interior range skips those tests).
 template <bool Checked, class Op>
 PB_DEVICE void joseph_sample(const JosephRay& r, int i, Op& op) {
     const float ub = r.ub0 + i * r.dub;
@@ -55,37 +92,35 @@ PB_DEVICE void joseph_sample(const JosephRay& r, int i, Op& op) {
     const float fc = floorf(uc);
     const int jb = (int)fb;
     const int jc = (int)fc;
-    const float wb = ub - fb;
-    const float wc = uc - fc;
     const int base = i * r.sa + jb * r.sb + jc * r.sc;
-    int idx[4] = {base, base + r.sb, base + r.sc, base + r.sb + r.sc};
+    Bilinear n = {{base, base + r.sb, base + r.sc, base + r.sb + r.sc}, ub - fb, uc - fc};
     if (Checked) {
         const bool b0 = (jb >= 0) && (jb < r.nb);
         const bool b1 = (jb + 1 >= 0) && (jb + 1 < r.nb);
         const bool c0 = (jc >= 0) && (jc < r.nc);
         const bool c1 = (jc + 1 >= 0) && (jc + 1 < r.nc);
-        if (!(b0 && c0)) idx[0] = -1;
-        if (!(b1 && c0)) idx[1] = -1;
-        if (!(b0 && c1)) idx[2] = -1;
-        if (!(b1 && c1)) idx[3] = -1;
+        if (!(b0 && c0)) n.idx[0] = -1;
+        if (!(b1 && c0)) n.idx[1] = -1;
+        if (!(b0 && c1)) n.idx[2] = -1;
+        if (!(b1 && c1)) n.idx[3] = -1;
     }
-    const float w[4] = {(1.0f - wb) * (1.0f - wc), wb * (1.0f - wc), (1.0f - wb) * wc, wb * wc};
-    op.template sample<Checked>(idx, w, r.step_mm, (r.t0 + i * r.dt - 0.5f) * r.length);
+    op.template sample<Checked>(n, r.step_mm, (r.t0 + i * r.dt - 0.5f) * r.length);
 }
 
 // ---------------------------------------------------------------------------
-// The ray walker.  `Op::sample<Checked>` receives each sample: the four
-// neighbouring voxel flat indices (-1 when outside the image; only possible
-// when Checked), their bilinear weights, the sample's ray length (mm) and its
-// signed distance from the LOR midpoint (mm).
+// The ray walker.  `Op::sample<Checked>` receives each sample: its bilinear
+// neighbourhood, the ray length per sample (mm, the same for every sample of
+// a LOR) and the sample's signed distance from the LOR midpoint (mm).
+// Returns the ray length per sample, so that forward operations can sum
+// unscaled values and multiply once.
 // ---------------------------------------------------------------------------
 template <class Op>
-PB_DEVICE void joseph_walk(const float* start, const float* end, const float* image_origin, const float* voxel_size,
+PB_DEVICE float joseph_walk(const float* start, const float* end, const float* image_origin, const float* voxel_size,
                            const int* image_shape, Op& op) {
     const float d[3] = {end[0] - start[0], end[1] - start[1], end[2] - start[2]};
     const float dv[3] = {fabsf(d[0]) / voxel_size[0], fabsf(d[1]) / voxel_size[1], fabsf(d[2]) / voxel_size[2]};
     const int a = (dv[0] >= dv[1] && dv[0] >= dv[2]) ? 0 : (dv[1] >= dv[2] ? 1 : 2);
-    if (d[a] == 0.0f) return;  // degenerate LOR (start == end)
+    if (d[a] == 0.0f) return 0.0f;  // degenerate LOR (start == end)
     const int b = (a + 1) % 3;
     const int c = (a + 2) % 3;
     const int stride[3] = {image_shape[1] * image_shape[2], image_shape[2], 1};
@@ -109,12 +144,12 @@ PB_DEVICE void joseph_walk(const float* start, const float* end, const float* im
     const int nc = image_shape[c];
     float ilo = 0.0f;
     float ihi = (float)(image_shape[a] - 1);
-    if (!clip_plane_range(t0, dt, 0.0f, 1.0f, ilo, ihi)) return;
-    if (!clip_plane_range(ub0, dub, -1.0f, (float)nb, ilo, ihi)) return;
-    if (!clip_plane_range(uc0, duc, -1.0f, (float)nc, ilo, ihi)) return;
+    if (!clip_plane_range(t0, dt, 0.0f, 1.0f, ilo, ihi)) return 0.0f;
+    if (!clip_plane_range(ub0, dub, -1.0f, (float)nb, ilo, ihi)) return 0.0f;
+    if (!clip_plane_range(uc0, duc, -1.0f, (float)nc, ilo, ihi)) return 0.0f;
     const int i0 = (int)ceilf(ilo);
     const int i1 = (int)floorf(ihi);
-    if (i0 > i1) return;
+    if (i0 > i1) return 0.0f;
     // A small margin keeps rounding from putting an "interior" sample outside.
     const float margin = 1e-3f;
     float jlo = ilo, jhi = ihi;
@@ -132,6 +167,7 @@ PB_DEVICE void joseph_walk(const float* start, const float* end, const float* im
     for (int i = i0; i < j0; ++i) joseph_sample<true>(ray, i, op);
     for (int i = j0; i <= j1; ++i) joseph_sample<false>(ray, i, op);
     for (int i = j1 + 1; i <= i1; ++i) joseph_sample<true>(ray, i, op);
+    return step_mm;
 }
 
 // ---------------------------------------------------------------------------
@@ -150,7 +186,7 @@ struct TofParams {
 // Cumulative Gaussian mass (up to a factor 1/2) at `edge` for a kernel centred at x.
 PB_DEVICE float tof_cdf(float edge, float x, const TofParams& p) {
     const float half = p.num_sigmas * p.sigma;
-    const float e = fminf(fmaxf(edge, x - half), x + half);
+    const float e = pb_min(pb_max(edge, x - half), x + half);
     return erff((e - x) * (0.70710678118654752f / p.sigma));
 }
 
@@ -179,15 +215,14 @@ PB_DEVICE float tof_weight_single(int k, float x, int k0, int k1, const TofParam
 // ---------------------------------------------------------------------------
 // Sample operations (gather for forward, scatter for back).
 // ---------------------------------------------------------------------------
+// Forward operations sum unscaled samples; the caller multiplies by the
+// ray length per sample that joseph_walk returns.
 struct ForwardOp {
     const float* image;
     float sum;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float) {
-        float v = 0.0f;
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
-        sum += v * step_mm;
+    PB_METHOD void sample(const Bilinear& n, float, float) {
+        sum += n.gather<Checked>(image);
     }
 };
 
@@ -195,10 +230,8 @@ struct BackOp {
     float* image;
     float value;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float) {
-        const float s = value * step_mm;
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+    PB_METHOD void sample(const Bilinear& n, float step_mm, float) {
+        n.scatter<Checked>(image, value * step_mm);
     }
 };
 
@@ -208,17 +241,15 @@ struct ForwardTofAllOp {
     float* out;
     TofParams tof;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
-        float v = 0.0f;
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
+    PB_METHOD void sample(const Bilinear& n, float, float x) {
+        const float v = n.gather<Checked>(image);
         if (v == 0.0f) return;
         int k0, k1;
         if (!tof_window(x, tof, k0, k1)) return;
         float lower = tof_cdf(tof_bin_lower_edge(k0, tof), x, tof);
         const float total = tof_cdf(tof_bin_lower_edge(k1 + 1, tof), x, tof) - lower;
         if (total <= 0.0f) return;
-        const float scale = v * step_mm / total;
+        const float scale = v / total;
         for (int k = k0; k <= k1; ++k) {
             const float upper = tof_cdf(tof_bin_lower_edge(k + 1, tof), x, tof);
             out[k] += scale * (upper - lower);
@@ -232,7 +263,7 @@ struct BackTofAllOp {
     const float* values;
     TofParams tof;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
+    PB_METHOD void sample(const Bilinear& n, float step_mm, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1)) return;
         float lower = tof_cdf(tof_bin_lower_edge(k0, tof), x, tof);
@@ -245,9 +276,7 @@ struct BackTofAllOp {
             lower = upper;
         }
         const float s = acc * step_mm / total;
-        if (s == 0.0f) return;
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+        if (s != 0.0f) n.scatter<Checked>(image, s);
     }
 };
 
@@ -258,13 +287,10 @@ struct ForwardTofOneOp {
     float sum;
     TofParams tof;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
+    PB_METHOD void sample(const Bilinear& n, float, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1) || bin < k0 || bin > k1) return;
-        float v = 0.0f;
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) v += w[q] * image[idx[q]];
-        sum += v * step_mm * tof_weight_single(bin, x, k0, k1, tof);
+        sum += n.gather<Checked>(image) * tof_weight_single(bin, x, k0, k1, tof);
     }
 };
 
@@ -274,12 +300,10 @@ struct BackTofOneOp {
     float value;
     TofParams tof;
     template <bool Checked>
-    PB_METHOD void sample(const int* idx, const float* w, float step_mm, float x) {
+    PB_METHOD void sample(const Bilinear& n, float step_mm, float x) {
         int k0, k1;
         if (!tof_window(x, tof, k0, k1) || bin < k0 || bin > k1) return;
-        const float s = value * step_mm * tof_weight_single(bin, x, k0, k1, tof);
-        for (int q = 0; q < 4; ++q)
-            if (!Checked || idx[q] >= 0) pb_atomic_add(&image[idx[q]], w[q] * s);
+        n.scatter<Checked>(image, value * step_mm * tof_weight_single(bin, x, k0, k1, tof));
     }
 };
 
@@ -337,8 +361,8 @@ PB_DEVICE void endpoints_listmode(long long n, const float* detector_xyz, const 
 PB_DEVICE void lor_forward(const float* s, const float* e, const float* image, const float* image_origin,
                            const float* voxel_size, const int* image_shape, float* out) {
     ForwardOp op = {image, 0.0f};
-    joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
-    *out = op.sum;
+    const float step_mm = joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
+    *out = op.sum * step_mm;
 }
 
 PB_DEVICE void lor_back(const float* s, const float* e, float value, const float* image_origin,
@@ -352,7 +376,8 @@ PB_DEVICE void lor_forward_tof(const float* s, const float* e, const float* imag
                                const float* voxel_size, const int* image_shape, const TofParams& tof, float* out) {
     for (int k = 0; k < tof.num_bins; ++k) out[k] = 0.0f;
     ForwardTofAllOp op = {image, out, tof};
-    joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
+    const float step_mm = joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
+    for (int k = 0; k < tof.num_bins; ++k) out[k] *= step_mm;
 }
 
 PB_DEVICE void lor_back_tof(const float* s, const float* e, const float* values, const float* image_origin,
@@ -486,8 +511,8 @@ PB_KERNEL void joseph_forward_listmode_tof(const float* detector_xyz, const int*
     float s[3], e[3];
     endpoints_listmode(n, detector_xyz, detector_ids, s, e);
     ForwardTofOneOp op = {image, tof_bin[n], 0.0f, PB_TOF_PARAMS};
-    joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
-    projection[n] = op.sum;
+    const float step_mm = joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
+    projection[n] = op.sum * step_mm;
 }
 
 PB_KERNEL void joseph_back_listmode_tof(const float* detector_xyz, const int* detector_ids, const int* tof_bin,
