@@ -187,7 +187,7 @@ struct TofParams {
 PB_DEVICE float tof_cdf(float edge, float x, const TofParams& p) {
     const float half = p.num_sigmas * p.sigma;
     const float e = pb_min(pb_max(edge, x - half), x + half);
-    return erff((e - x) * (0.70710678118654752f / p.sigma));
+    return pb_erf((e - x) * (0.70710678118654752f / p.sigma));
 }
 
 // First and last bin overlapping the truncated kernel at x; false if none.
