@@ -6,7 +6,7 @@ depends on the chunk size and the sinogram, not on the number of events.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/streaming.py --sizes 1e5,1e6,1e7 --chunk-events 1000000
+    python benchmarks/streaming.py --sizes 1e5,1e6,1e7 --chunk-events 1000000
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+# Run from a checkout without installing: the repository root is importable.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _child(num_events, chunk_events, folder):
