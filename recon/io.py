@@ -76,7 +76,9 @@ class atomic_output:
     -----
     The temporary file lives in the same folder (so :func:`os.replace` is an
     atomic rename on one file system) and is removed when the ``with`` block
-    raises.
+    raises.  It keeps the final extension (``.nii.gz``, ``.npy``, ...) so that
+    libraries which choose a format from the name write the right one, and
+    gets the usual permissions (``0o666`` less the umask) when committed.
     """
 
     def __init__(self, path):
@@ -84,15 +86,18 @@ class atomic_output:
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise ValueError(f"{self.path}: output folder {folder!r} does not exist")
-        fd, self.tmp_path = tempfile.mkstemp(
-            dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp"
-        )
+        name = os.path.basename(self.path)
+        ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+        fd, self.tmp_path = tempfile.mkstemp(dir=folder, prefix="." + name + ".", suffix=".tmp" + ext)
         os.close(fd)
 
     def __enter__(self):
         return self.tmp_path
 
     def commit(self):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp_path, 0o666 & ~umask)
         os.replace(self.tmp_path, self.path)
 
     def discard(self):

@@ -33,8 +33,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -44,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from .io import atomic_output
 from .kinetics import (
     AZ10419369_REFERENCE,
     AZ10419369_REGIONS,
@@ -194,31 +193,14 @@ class SessionTruth:
 
 
 def _atomic_write_text(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _atomic_save_nifti(img, path):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _tsv(rows, columns):

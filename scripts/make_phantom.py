@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recon.io import atomic_output  # noqa: E402
 
 LOG = logging.getLogger("make_phantom")
 
@@ -182,15 +184,8 @@ def _save_nifti(data, affine, path):
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None):
@@ -203,9 +198,8 @@ def main(argv=None):
     _save_nifti(labels, affine, args.out / "brain_phantom_labels.nii.gz")
     _save_nifti(mu, affine, args.out / "brain_phantom_mumap.nii.gz")
     tsv = args.out / "brain_phantom_labels.tsv"
-    tmp = tsv.with_suffix(".tsv.tmp")
-    tmp.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in LABELS.items()))
-    os.replace(tmp, tsv)
+    with atomic_output(tsv) as tmp:
+        Path(tmp).write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in LABELS.items()))
     counts = np.bincount(labels.ravel(), minlength=len(LABELS))
     for i, name in LABELS.items():
         LOG.info("%3d %-24s %8.1f mL", i, name, counts[i] * VOXEL_MM**3 / 1000)

@@ -83,7 +83,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +94,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tqdm.auto import tqdm  # noqa: E402
+
+from recon.io import atomic_output  # noqa: E402
 
 log = logging.getLogger("petbind.study")
 
@@ -240,16 +241,8 @@ class Session:
 # small helpers
 # ------------------------------------------------------------------------------------------------
 def _atomic_save_npy(path, array):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _copy_atomic(src, dst):
@@ -759,15 +752,8 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
         if sum(st["outside_layout"]):
             log.warning("%s frame %d: %d prompts / %d delayeds outside the layout (not reconstructed)",
                         path, k, *st["outside_layout"])
-        fd, tmp = tempfile.mkstemp(prefix=f".{cpath.name}.", suffix=".tmp.npz", dir=cache)
-        os.close(fd)
-        try:
+        with atomic_output(cpath) as tmp:
             np.savez(tmp, image=images[..., k], stats=json.dumps(st))
-            os.replace(tmp, cpath)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         bar.update()
     bar.close()
 
