@@ -117,6 +117,10 @@ class StudyConfig:
     resolution_fwhm_mm : float or None
         Scanner resolution applied in image space before projection.
     write_listmode : bool
+    write_petsird : bool
+        Also write each session's listmode as PETSIRD
+        (``*_pet-listmode.petsird``, converted from the HDF5 file with
+        :func:`recon.convert.convert`).
     write_images : {None, "true", "noisy"}
         Also write the 4-D activity image (``_pet.nii.gz``): noise free, or
         with Gaussian image-space noise of relative SD ``image_noise`` at
@@ -149,6 +153,7 @@ class StudyConfig:
     crystal_efficiency_spread: float = 0.05
     resolution_fwhm_mm: Optional[float] = None
     write_listmode: bool = True
+    write_petsird: bool = False
     write_images: Optional[str] = None
     image_noise: float = 0.1
     seed: int = 0
@@ -415,20 +420,30 @@ def simulate_study(out_dir, config=None, phantom=None):
                 scan_start_s=0.0, subject_id=truth.subject, description=f"simulated, ses-{truth.session}",
             )
             events = sim.simulate_listmode(BasisActivity(basis, weights), fs, fe, seed=seeds[si])
+            singles_rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), 4, si]))
             _write_listmode(pet / f"{stem}_pet-listmode.h5", sim, events, exam, fs, fe, eff, on_grid, grid, config,
-                            ListmodeWriter, ListmodeCorrections)
+                            ListmodeWriter, ListmodeCorrections, singles_rng)
+            if config.write_petsird:
+                from .convert import convert  # noqa: PLC0415 - PETSIRD only when asked for
+
+                convert(pet / f"{stem}_pet-listmode.h5", pet / f"{stem}_pet-listmode.petsird", to="petsird",
+                        quiet=True)
     return sessions
 
 
-def _write_listmode(path, sim, events, exam, fs, fe, eff, on_grid, grid, config, writer_cls, corrections_cls):
+def _write_listmode(path, sim, events, exam, fs, fe, eff, on_grid, grid, config, writer_cls, corrections_cls,
+                    singles_rng):
     """Stream the simulator's events into a listmode file; singles are added after the last event.
+
+    The singles are recorded counts, as a scanner stores them: a Poisson draw
+    (``singles_rng``) around the simulator's expected singles per frame.
 
     The writer takes corrections at creation, but the singles are only known
     once the simulator has calibrated (first event), so the events are first
     peeked at, then the file is opened.
     """
     first = next(events, None)
-    singles = sim.singles_counts(fs, fe)
+    singles = singles_rng.poisson(sim.singles_counts(fs, fe)).astype(np.float64)
     corrections = corrections_cls(
         crystal_efficiencies=eff,
         singles_block_edges_s=np.concatenate([fs, fe[-1:]]),

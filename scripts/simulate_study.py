@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--model", choices=("srtm", "2tcm"), default="srtm", help="kinetic model generating the TACs")
     p.add_argument("--images", choices=("true", "noisy"), default=None, help="also write 4-D images (_pet.nii.gz)")
     p.add_argument("--no-listmode", action="store_true", help="skip listmode simulation (images only)")
+    p.add_argument("--petsird", action="store_true", help="also write each listmode file as PETSIRD")
     p.add_argument("--sensitivity", type=float, default=StudyConfig.sensitivity_cps_per_kbq,
                    help="count level: cps/kBq of a centred point source (default %(default)s)")
     p.add_argument("--voxel-mm", type=float, default=4.0, help="simulation grid voxel size (mm)")
@@ -43,7 +44,7 @@ def main(argv=None):
         p.error("--no-listmode needs --images, or nothing would be simulated")
     cfg = StudyConfig(
         num_subjects=args.subjects, seed=args.seed, model=args.model, write_images=args.images,
-        write_listmode=not args.no_listmode, sensitivity_cps_per_kbq=args.sensitivity, voxel_size_mm=args.voxel_mm,
+        write_listmode=not args.no_listmode, write_petsird=args.petsird, sensitivity_cps_per_kbq=args.sensitivity, voxel_size_mm=args.voxel_mm,
         quiet=args.quiet, device=args.device,
     )
     cfg.drug_effect = {k: args.drug_effect for k in cfg.drug_effect}

@@ -180,3 +180,24 @@ def test_calibration_factor_is_inverse_kappa(study):
     proj = SinogramProjector(SinogramLayout(cfg.scanner, cfg.num_radial), grid, device="cpu")
     kappa = cfg.sensitivity_cps_per_kbq * np.prod(grid.voxel_size_mm) / 1000 / (1000 * proj.forward(point).sum(dtype=np.float64))
     assert r.corrections.calibration_factor == pytest.approx(1 / kappa, rel=1e-4)
+
+
+def test_petsird_copy_holds_the_same_events(tmp_path):
+    """With write_petsird each session also gets a PETSIRD file with the same events."""
+    from recon.petsird_io import PetsirdReader
+
+    simulate_study(tmp_path, tiny_config(num_subjects=1, write_petsird=True, frame_durations_s=(60.0, 120.0)))
+    pet = tmp_path / "sub-01" / "ses-baseline" / "pet"
+    h5 = ListmodeReader(pet / "sub-01_ses-baseline_pet-listmode.h5")
+    ps = PetsirdReader(pet / "sub-01_ses-baseline_pet-listmode.petsird")
+
+    def keyed(chunks):
+        rows = []
+        for c in chunks:
+            ids = np.sort(c.detector_ids, axis=1)  # LOR orientation is not part of the event
+            rows.append(np.column_stack([np.floor(c.time_ms), ids, c.is_prompt]))
+        rows = np.concatenate(rows)
+        return rows[np.lexsort(rows.T[::-1])]
+
+    np.testing.assert_array_equal(keyed(ps.chunks()), keyed(h5.chunks()))
+    assert ps.scanner == h5.scanner
