@@ -74,11 +74,14 @@ def test_cpu_build_is_cached_and_safe_when_two_processes_build_at_once(tmp_path)
     assert libs[0].stat().st_mtime_ns == mtime
 
 
-def test_import_recon_does_not_import_cupy():
+def test_import_without_cupy():
     code = (
         "import sys, numpy as np\n"
         "sys.modules['cupy'] = None  # any import of cupy would now fail\n"
         "import recon, recon.projector, recon.geometry\n"
+        "import recon.io, recon.listmode, recon.petsird_io, recon.interfile, recon.convert, recon.system\n"
+        "import recon.osem, recon.simulate, recon.study, recon.kinetics, recon.phantom\n"
+        "import quant, quant.models, quant.io, quant.tacs, quant.compare, quant.stats, quant.cli\n"
         "from recon.geometry import ImageGrid\n"
         "from recon.projector import forward_project\n"
         "g = ImageGrid((2, 2, 2), 1.0)\n"
@@ -110,3 +113,14 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch):
         device.resolve_device("gpu")
     monkeypatch.delenv("PETBIND_DEVICE", raising=False)
     assert device.resolve_device("auto") == "cpu"
+
+
+def test_recon_and_quant_stay_independent():
+    """ARCHITECTURE.md: recon never imports quant, quant never imports recon."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for pkg, other in (("recon", "quant"), ("quant", "recon")):
+        for dirpath, _, files in os.walk(os.path.join(root, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(dirpath, f)).read()
+                    assert not re.search(rf"^\s*(from|import)\s+{other}\b", text, re.M), f"{pkg}/{f} imports {other}"
