@@ -135,6 +135,15 @@ def main(argv=None):
     _, _, pairs = random_bins(layout, args.listmode_events, rng)
     tof_bins = rng.integers(0, tof.num_bins, pairs.shape[0])
 
+    hdr = f"{'device':6} {'geometry':9} {'tof':6} {'LORs':>11} {'fwd LOR/s':>11} {'back LOR/s':>11} {'fwd/oracle':>11} {'back/oracle':>11}"
+    print(hdr)
+    print("-" * len(hdr), flush=True)
+
+    def print_row(row):
+        # one row as soon as it is measured: the mmr size takes many minutes on a CPU
+        dev, geom, kind, n, f, b, rf, rb = row
+        print(f"{dev:6} {geom:9} {kind:6} {n:11d} {f:11.3e} {b:11.3e} {rf:11.0f} {rb:11.0f}", flush=True)
+
     rows = []
     for dev in devices:
         if dev == "gpu":
@@ -158,13 +167,9 @@ def main(argv=None):
             tb = best_time(lambda: op.back(y), args.repeats, sync)
             of, ob = ora[kind]
             rows.append((dev, geom, kind, n_lors, n_lors / tf, n_lors / tb, (n_lors / tf) / of, (n_lors / tb) / ob))
+            print_row(rows[-1])
             del y
 
-    hdr = f"{'device':6} {'geometry':9} {'tof':6} {'LORs':>11} {'fwd LOR/s':>11} {'back LOR/s':>11} {'fwd/oracle':>11} {'back/oracle':>11}"
-    print(hdr)
-    print("-" * len(hdr))
-    for dev, geom, kind, n, f, b, rf, rb in rows:
-        print(f"{dev:6} {geom:9} {kind:6} {n:11d} {f:11.3e} {b:11.3e} {rf:11.0f} {rb:11.0f}")
     print(f"NumPy oracle (same run): non-TOF {ora['nontof'][0]:.3e} fwd / {ora['nontof'][1]:.3e} back LOR/s; "
           f"TOF {ora['tof'][0]:.3e} / {ora['tof'][1]:.3e}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
