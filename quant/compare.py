@@ -369,6 +369,16 @@ def _finite_pairs(b, p):
 CONFIDENCE = 0.95
 
 
+def _adjust_across_regions(block, cols, raw_columns):
+    """Fill ``<p>_holm`` and ``<p>_fdr_bh`` of each row from the raw ``<p>`` column
+    (Holm and Benjamini-Hochberg across the regions of one comparison)."""
+    for raw in raw_columns:
+        praw = np.array([row[cols.index(raw)] for row in block], dtype=float)
+        for row, h, q in zip(block, stats.holm(praw), stats.benjamini_hochberg(praw)):
+            row[cols.index(f"{raw}_holm")] = h
+            row[cols.index(f"{raw}_fdr_bh")] = q
+
+
 def within_group_statistics(data: StudyData) -> list[list]:
     """Rows of :data:`WITHIN_GROUP_COLUMNS`: per group and region, paired tests of the change."""
     rows = []
@@ -393,13 +403,7 @@ def within_group_statistics(data: StudyData) -> list[list]:
                 nan = math.nan
                 block.append([g, region, b.size, nan, nan, nan, nan, nan, nan, mean_pct, nan, nan, nan, None, None,
                               nan, nan, "none", None, None, nan, nan])
-        cols = WITHIN_GROUP_COLUMNS
-        for raw, holm_col, bh_col in (("p_t", "p_t_holm", "p_t_fdr_bh"),
-                                      ("p_wilcoxon", "p_wilcoxon_holm", "p_wilcoxon_fdr_bh")):
-            praw = np.array([row[cols.index(raw)] for row in block], dtype=float)
-            for row, h, q in zip(block, stats.holm(praw), stats.benjamini_hochberg(praw)):
-                row[cols.index(holm_col)] = h
-                row[cols.index(bh_col)] = q
+        _adjust_across_regions(block, WITHIN_GROUP_COLUMNS, ("p_t", "p_wilcoxon"))
         rows.extend(block)
     return rows
 
@@ -453,13 +457,7 @@ def interaction_statistics(data: StudyData, n_permutations: int = 10000, seed: i
                 logger.warning("%s vs %s region %s: fewer than 2 subjects in a group, no test", ga, gb, region)
                 block.append([ga, gb, region, da.size, db.size, nan, nan, nan, nan, nan, nan, nan, nan, None, None,
                               nan, 0, False, None, None, nan])
-        cols = INTERACTION_COLUMNS
-        for raw, holm_col, bh_col in (("p_welch", "p_welch_holm", "p_welch_fdr_bh"),
-                                      ("p_permutation", "p_permutation_holm", "p_permutation_fdr_bh")):
-            praw = np.array([row[cols.index(raw)] for row in block], dtype=float)
-            for row, h, q in zip(block, stats.holm(praw), stats.benjamini_hochberg(praw)):
-                row[cols.index(holm_col)] = h
-                row[cols.index(bh_col)] = q
+        _adjust_across_regions(block, INTERACTION_COLUMNS, ("p_welch", "p_permutation"))
         rows.extend(block)
     return rows
 
