@@ -413,11 +413,20 @@ def permutation_test(a, b, n_permutations: int = 10000, rng=None):
     return (float(p[0]) if one_d else p), n_used, exact
 
 
-def _adjust_input(p):
+def _adjust_sorted(p, adjust):
+    """Apply ``adjust(sorted_p, m) -> adjusted`` to the non-NaN p-values in
+    ascending order and put the results back in place (NaN stays NaN and is
+    not counted in ``m``)."""
     p = np.asarray(p, dtype=np.float64)
     if np.any((p[~np.isnan(p)] < 0) | (p[~np.isnan(p)] > 1)):
         raise ValueError("p-values must lie in [0, 1]")
-    return p
+    out = np.full(p.size, np.nan)
+    flat = p.reshape(-1)
+    valid = np.flatnonzero(~np.isnan(flat))
+    if valid.size:
+        order = valid[np.argsort(flat[valid], kind="mergesort")]
+        out[order] = adjust(flat[order], valid.size)
+    return out.reshape(p.shape)
 
 
 def holm(p) -> np.ndarray:
@@ -439,19 +448,7 @@ def holm(p) -> np.ndarray:
     With :math:`p_{(1)} \\le \\dots \\le p_{(m)}`:
     :math:`\\tilde p_{(i)} = \\max_{j \\le i} \\min(1, (m - j + 1)\\, p_{(j)})`.
     """
-    p = _adjust_input(p)
-    out = np.full(p.shape, np.nan)
-    flat = p.reshape(-1)
-    valid = np.flatnonzero(~np.isnan(flat))
-    m = valid.size
-    if m == 0:
-        return out
-    order = valid[np.argsort(flat[valid], kind="mergesort")]
-    factors = m - np.arange(m)
-    adj = np.minimum(1.0, np.maximum.accumulate(factors * flat[order]))
-    out_flat = out.reshape(-1)
-    out_flat[order] = adj
-    return out_flat.reshape(p.shape)
+    return _adjust_sorted(p, lambda ps, m: np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * ps)))
 
 
 def benjamini_hochberg(p) -> np.ndarray:
@@ -471,19 +468,9 @@ def benjamini_hochberg(p) -> np.ndarray:
     -----
     :math:`\\tilde p_{(i)} = \\min_{j \\ge i} \\min(1, m\\, p_{(j)} / j)`.
     """
-    p = _adjust_input(p)
-    out = np.full(p.shape, np.nan)
-    flat = p.reshape(-1)
-    valid = np.flatnonzero(~np.isnan(flat))
-    m = valid.size
-    if m == 0:
-        return out
-    order = valid[np.argsort(flat[valid], kind="mergesort")]
-    raw = flat[order] * m / np.arange(1, m + 1)
-    adj = np.minimum(1.0, np.minimum.accumulate(raw[::-1])[::-1])
-    out_flat = out.reshape(-1)
-    out_flat[order] = adj
-    return out_flat.reshape(p.shape)
+    return _adjust_sorted(
+        p, lambda ps, m: np.minimum(1.0, np.minimum.accumulate((ps * m / np.arange(1, m + 1))[::-1])[::-1])
+    )
 
 
 def paired_t_map(baseline, post, mask=None):
