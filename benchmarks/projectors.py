@@ -1,7 +1,7 @@
 """Projector throughput: LORs per second, forward and back.
 
 Prints one table row per (device, geometry, TOF, direction) with the speed-up
-over the slow NumPy oracle (``recon.kernels.reference``) timed in the same run
+over the slow NumPy oracle (``petbind.recon.kernels.reference``) timed in the same run
 on a sample of the same LORs, plus the process's peak memory.
 
     python benchmarks/projectors.py               # size "ci", CPU (and GPU when present)
@@ -34,10 +34,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recon.device import gpu_available  # noqa: E402
-from recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters  # noqa: E402
-from recon.kernels.reference import back_reference, forward_reference  # noqa: E402
-from recon.projector import ListmodeProjector, SinogramProjector  # noqa: E402
+from petbind.core.device import gpu_available  # noqa: E402
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters  # noqa: E402
+from petbind.recon.kernels.reference import back_reference, forward_reference  # noqa: E402
+from petbind.recon.projector import ListmodeProjector, SinogramProjector  # noqa: E402
 
 
 def setup(size):

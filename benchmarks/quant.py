@@ -1,4 +1,4 @@
-"""Benchmark of voxelwise kinetic modelling (quant.models).
+"""Benchmark of voxelwise kinetic modelling (petbind.quant.models).
 
 Times voxelwise BF-SRTM and MRTM2 on a simulated noisy dynamic image
 (``--size full``: 128x128x64 voxels x 25 frames) on the CPU and, when CuPy
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import numpy as np  # noqa: E402
 from scipy.signal import lfilter  # noqa: E402
 
-from quant.models import fit_model, parametric_maps, srtm_forward  # noqa: E402
+from petbind.quant.models import fit_model, parametric_maps, srtm_forward  # noqa: E402
 
 SIZES = {"small": (32, 32, 16), "full": (128, 128, 64)}
 # 25 frames, 85 min: 4x15 s, 4x30 s, 3x60 s, 2x120 s, 6x300 s, 6x450 s.

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def _child(num_events, chunk_events, folder):
     import numpy as np
 
-    from recon.geometry import Scanner, SinogramLayout
-    from recon.io import ListmodeReader, ListmodeWriter
-    from recon.listmode import histogram_listmode
+    from petbind.recon.geometry import Scanner, SinogramLayout
+    from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
+    from petbind.recon.listmode import histogram_listmode
 
     rng = np.random.default_rng(0)
     scanner = Scanner.demo()

@@ -4,14 +4,14 @@ Usage (from the repository root)::
 
     python3 scripts/demo.py [--out ./petbind-demo] [--subjects 6] [--device auto|cpu|gpu] [--quiet]
 
-1. :func:`recon.study.simulate_study` writes a BIDS-like study into
+1. :func:`petbind.sim.study.simulate_study` writes a BIDS-like study into
    ``OUT/rawdata``: ``--subjects`` subjects alternately in the drug and
    placebo groups, each with a baseline and a post-dose (24-72 h) listmode
    session of [11C]AZ10419369 (true BP_ND -20 % in 5-HT1B-rich regions in the
    drug group), on a small scanner (96 crystals x 14 rings of 10 mm,
    140 mm axial field) with a 6 mm grid and 12 frames over 60 min, so that
    the whole demo runs in about three and a half minutes on two CPU cores.
-2. ``scripts/study.py`` reconstructs every session (OSEM 4 iterations x 16
+2. ``petbind-study`` reconstructs every session (OSEM 4 iterations x 16
    subsets, 3 views each, with
    normalisation, attenuation, randoms and scatter corrections), extracts
    regional TACs, fits BF-SRTM (robust on the noisy TACs of small regions)
@@ -40,14 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "scripts")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
 import numpy as np  # noqa: E402
 
-import study as pipeline  # noqa: E402
+from petbind.pipeline import study as pipeline  # noqa: E402
 
 log = logging.getLogger("petbind.demo")
 
@@ -57,9 +52,9 @@ DEMO_FRAMES_S = (60.0, 60.0, 120.0, 120.0, 120.0, 300.0, 300.0, 300.0, 600.0, 60
 
 
 def demo_config(num_subjects=6, device="auto", quiet=False, seed=7):
-    """The :class:`recon.study.StudyConfig` of the demo (small and fast)."""
-    from recon.geometry import Scanner
-    from recon.study import StudyConfig
+    """The :class:`petbind.sim.study.StudyConfig` of the demo (small and fast)."""
+    from petbind.recon.geometry import Scanner
+    from petbind.sim.study import StudyConfig
 
     return StudyConfig(
         num_subjects=int(num_subjects),
@@ -156,7 +151,7 @@ def main(argv=None):
         print("demo.py: error: --subjects must be >= 2 (one drug, one placebo subject)", file=sys.stderr)
         return 2
     pipeline.setup_logging(args.quiet)
-    from recon.study import simulate_study
+    from petbind.sim.study import simulate_study
 
     out = Path(args.out)
     raw, deriv = out / "rawdata", out / "derivatives"

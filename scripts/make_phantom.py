@@ -1,4 +1,4 @@
-"""Generate the digital brain phantom shipped in ``recon/data/``.
+"""Generate the digital brain phantom shipped in ``petbind/sim/data/``.
 
 Writes, each through a temporary file renamed when complete:
 
@@ -8,7 +8,7 @@ Writes, each through a temporary file renamed when complete:
 
 Run from the repository root::
 
-    PYTHONPATH=. python scripts/make_phantom.py [--out recon/data]
+    PYTHONPATH=. python scripts/make_phantom.py [--out petbind/sim/data]
 
 The anatomy is built from smooth analytic shapes (ellipsoids and
 superellipsoids, some rotated) combined with distance transforms for shells
@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recon.io import atomic_output  # noqa: E402
+from petbind.recon.rawdata.hdf5 import atomic_output  # noqa: E402
 
 LOG = logging.getLogger("make_phantom")
 
@@ -190,7 +190,7 @@ def _save_nifti(data, affine, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "recon" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "petbind" / "sim" / "data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.study import StudyConfig, simulate_study  # noqa: E402
+from petbind.sim.study import StudyConfig, simulate_study  # noqa: E402
 
 
 def main(argv=None):

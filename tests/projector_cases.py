@@ -7,9 +7,9 @@ run the same assertions.
 
 import numpy as np
 
-from recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
-from recon.kernels.reference import back_reference, forward_reference
-from recon.projector import ListmodeProjector, SinogramProjector, back_project, forward_project
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.kernels.reference import back_reference, forward_reference
+from petbind.recon.projector import ListmodeProjector, SinogramProjector, back_project, forward_project
 
 
 def random_lors(rng, n, radius=60.0):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from recon.geometry import SPEED_OF_LIGHT_MM_PER_PS, ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.geometry import SPEED_OF_LIGHT_MM_PER_PS, ImageGrid, Scanner, SinogramLayout, TOFParameters
 
 
 def test_image_grid_centred_and_affine():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import projector_cases as cases
-from recon.geometry import ImageGrid, Scanner, SinogramLayout
-from recon.projector import SinogramProjector, forward_project
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout
+from petbind.recon.projector import SinogramProjector, forward_project
 
 pytestmark = pytest.mark.gpu
 

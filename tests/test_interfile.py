@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from recon.geometry import Scanner, SinogramLayout
-from recon.interfile import (
+from petbind.recon.geometry import Scanner, SinogramLayout
+from petbind.recon.rawdata.interfile import (
     read_interfile_header,
     read_interfile_image,
     read_interfile_sinogram,

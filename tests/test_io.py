@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from recon.geometry import Scanner, SinogramLayout, TOFParameters
-from recon.io import (
+from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
+from petbind.recon.rawdata.hdf5 import (
     FORMAT_VERSION,
     ExamInfo,
     ListmodeCorrections,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad, solve_ivp
 
-from recon.kinetics import (
+from petbind.sim.kinetics import (
     DEFAULT_FRAME_DURATIONS_S,
     FengInput,
     RegionKinetics,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from recon.geometry import Scanner, SinogramLayout, TOFParameters
-from recon.io import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
-from recon.listmode import (
+from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
+from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
+from petbind.recon.listmode import (
     Frames,
     dead_time_factors,
     decay_correction_factor,

@@ -4,8 +4,8 @@ convergence on consistent data and input checks."""
 import numpy as np
 import pytest
 
-from recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
-from recon.osem import ListmodeOSEM, SinogramOSEM
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.osem import ListmodeOSEM, SinogramOSEM
 
 
 def small_problem(rng, tof=None):

@@ -8,10 +8,10 @@ from petsird.helpers import expand_detection_bin  # noqa: E402
 from petsird.helpers.generator import CylindricalBlocksInfo, get_events, get_scanner_info  # noqa: E402
 from petsird.helpers.geometry import get_detecting_box  # noqa: E402
 
-from recon.convert import main as convert_main  # noqa: E402
-from recon.geometry import Scanner, TOFParameters  # noqa: E402
-from recon.io import ExamInfo, ListmodeCorrections, ListmodeReader, ListmodeWriter  # noqa: E402
-from recon.petsird_io import PetsirdReader, write_petsird  # noqa: E402
+from petbind.recon.rawdata.convert import main as convert_main  # noqa: E402
+from petbind.recon.geometry import Scanner, TOFParameters  # noqa: E402
+from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeCorrections, ListmodeReader, ListmodeWriter  # noqa: E402
+from petbind.recon.rawdata.petsird_io import PetsirdReader, write_petsird  # noqa: E402
 
 
 def scanner():

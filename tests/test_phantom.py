@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from recon.geometry import ImageGrid
-from recon.phantom import activity_image, load_brain_phantom, read_label_table, resample_phantom
+from petbind.recon.geometry import ImageGrid
+from petbind.sim.phantom import activity_image, load_brain_phantom, read_label_table, resample_phantom
 
 REQUIRED = [
     "scalp", "skull", "csf", "ventricles", "white_matter", "frontal_cortex", "temporal_cortex",

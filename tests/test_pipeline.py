@@ -1,7 +1,7 @@
-"""End-to-end tests of scripts/study.py on a tiny simulated study.
+"""End-to-end tests of petbind-study on a tiny simulated study.
 
 One subject (drug group) with a baseline and a post-dose session is simulated
-once per module with :func:`recon.study.simulate_study` on a small scanner
+once per module with :func:`petbind.sim.study.simulate_study` on a small scanner
 (96 crystals x 14 rings of 10 mm, 8 mm voxels, 9 frames over 60 min), with
 the noise-free activity images written next to the listmode data.  Those
 images are the simulator's *input*, so they are an independent oracle for
@@ -21,16 +21,11 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from petbind.pipeline import study  # noqa: E402
 
-import study  # noqa: E402
+from petbind.recon.geometry import Scanner  # noqa: E402
 
-from recon.geometry import Scanner  # noqa: E402
-
-# recon.study is written on branch `sim`; until it is merged this module is
-# reported as skipped with this reason (not silently).
-_rstudy = pytest.importorskip("recon.study", reason="recon.study (branch sim) is not merged yet")
-StudyConfig, simulate_study = _rstudy.StudyConfig, _rstudy.simulate_study
+from petbind.sim.study import StudyConfig, simulate_study  # noqa: E402
 
 SENSITIVITY_CPS_PER_KBQ = 1.0
 FRAMES_S = (60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 600.0, 600.0, 900.0)
@@ -93,7 +88,7 @@ def test_outputs_and_sidecar(tiny):
     np.testing.assert_allclose(side["FrameTimesStart"], np.concatenate([[0.0], np.cumsum(FRAMES_S)[:-1]]))
     # the fit table is the petbind-quant fit format
     rows = _read_tsv(out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv")
-    from quant.cli import FIT_COLUMNS
+    from petbind.quant.cli import FIT_COLUMNS
 
     assert list(rows[0])[: len(FIT_COLUMNS)] == FIT_COLUMNS
     assert {r["region"] for r in rows} >= set(LARGE_REGIONS)
@@ -274,9 +269,9 @@ def test_decay_integral_and_kappa_oracles():
     lam = math.log(2) / 1221.84
     d = study.decay_integral_s(300.0, 900.0, 1221.84)
     assert d == pytest.approx(integrate.quad(lambda t: math.exp(-lam * t), 300, 900)[0], rel=1e-10)
-    from recon.geometry import ImageGrid, SinogramLayout
-    from recon.io import ListmodeCorrections
-    from recon.simulate import ListmodeSimulator
+    from petbind.recon.geometry import ImageGrid, SinogramLayout
+    from petbind.recon.rawdata.hdf5 import ListmodeCorrections
+    from petbind.sim.acquisition import ListmodeSimulator
 
     sc = Scanner.cylindrical(100.0, 48, 4, 8.0)
     lay = SinogramLayout(sc, 21)
@@ -290,7 +285,7 @@ def test_decay_integral_and_kappa_oracles():
 
 def test_mu_map_resampling_reproduces_linear_field():
     """Trilinear resampling is exact for a linear field (interior voxels); same grid is a no-op."""
-    from recon.geometry import ImageGrid
+    from petbind.recon.geometry import ImageGrid
 
     src = ImageGrid((20, 22, 18), 2.0, origin_mm=(-19.0, -21.0, -17.0))
     dst = ImageGrid((7, 9, 7), (5.0, 4.5, 4.0), origin_mm=(-15.0, -17.0, -12.0))

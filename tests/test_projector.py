@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import projector_cases as cases
-from recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
-from recon.projector import ListmodeProjector, SinogramProjector, back_project, forward_project
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.projector import ListmodeProjector, SinogramProjector, back_project, forward_project
 
 TOF_OPTIONS = [None, cases.small_tof()]
 TOF_IDS = ["nontof", "tof"]
@@ -54,7 +54,7 @@ def test_sinogram_kernel_geometry_matches_layout(rng, tof, span):
 
 def test_numpy_fallback_without_compiler(monkeypatch, rng):
     """Without a C++ compiler the projector warns and uses the NumPy implementation."""
-    from recon import kernels, projector
+    from petbind.recon import kernels, projector
 
     def no_compiler():
         raise kernels.CompilerNotFound("no C++ compiler (test)")

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from quant.cli import FIT_COLUMNS, main
-from quant.io import TACTable, read_table_tsv, write_tacs_tsv
+from petbind.quant.cli import FIT_COLUMNS, main
+from petbind.quant.io import TACTable, read_table_tsv, write_tacs_tsv
 from tests.quant_helpers import (AFFINE, FRAME_END_S, FRAME_START_S, atlas_labels, srtm_tacs, write_atlas,
                                  write_pet)
 
@@ -104,16 +104,16 @@ def test_fit_every_model_columns_and_recovery(tmp_path, model):
 
 def test_fit_passes_options_to_model(tmp_path, monkeypatch):
     """Wiring: the CLI hands weights, t*, k2' and the half-life to fit_model unchanged."""
-    import quant.models
+    import petbind.quant.models
 
     seen = {}
-    real = quant.models.fit_model
+    real = petbind.quant.models.fit_model
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quant.models, "fit_model", spy)
+    monkeypatch.setattr(petbind.quant.models, "fit_model", spy)
     tacs = _tac_file(tmp_path)
     assert main(["fit", str(tacs), "--reference", "cerebellum", "--model", "mrtm2", "--weights", "duration",
                  "--tstar-min", "10", "--k2prime-per-min", "0.2", "--half-life-min", "109.77",
@@ -173,16 +173,16 @@ def test_bad_input_exit_code_2(tmp_path, capsys):
 
 
 def test_map_with_real_models(tmp_path, monkeypatch):
-    import quant.models
+    import petbind.quant.models
 
     record = {}
-    real = quant.models.parametric_maps
+    real = petbind.quant.models.parametric_maps
 
     def spy(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs):
         record.update(reference_tac=np.asarray(reference_tac), **kwargs)
         return real(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs)
 
-    monkeypatch.setattr(quant.models, "parametric_maps", spy)
+    monkeypatch.setattr(petbind.quant.models, "parametric_maps", spy)
     atlas, labels_tsv = write_atlas(tmp_path)
     img = _subject_image(1.0, 2.0, r1=1.1)
     pet = write_pet(tmp_path, img, sidecar={"FrameTimesStart": FRAME_START_S.tolist(),
@@ -203,7 +203,7 @@ def test_map_with_real_models(tmp_path, monkeypatch):
     np.testing.assert_allclose(bpd[labels == 2], 1.0, rtol=0.05)
     np.testing.assert_allclose(bpd[labels == 3], 2.0, rtol=0.05)
     # every voxel equals the regional fit of its (identical) TAC
-    reg = quant.models.fit_model("bfsrtm", FRAME_START_S, FRAME_END_S, img[labels == 1][0],
+    reg = petbind.quant.models.fit_model("bfsrtm", FRAME_START_S, FRAME_END_S, img[labels == 1][0],
                                  np.stack([img[labels == 2][0], img[labels == 3][0]], axis=1),
                                  weights="counts", half_life_min=109.77)
     np.testing.assert_allclose(bpd[labels == 2], reg.parameters["bp_nd"][0], rtol=1e-5)

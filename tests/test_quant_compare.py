@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
-from quant import compare, stats
-from quant.io import read_table_tsv, write_table_tsv
+from petbind.quant import compare, stats
+from petbind.quant.io import read_table_tsv, write_table_tsv
 from tests.quant_helpers import AFFINE
 
 REGIONS = ["putamen", "caudate", "thalamus"]
@@ -134,7 +134,7 @@ def test_study_nan_subject_left_out_of_that_region_only(tmp_path, caplog):
     rng = np.random.default_rng(22)
     base, post, groups = make_study(tmp_path / "s", rng, nan_at=(0, 1))
     data = compare.load_study(tmp_path / "s")
-    with caplog.at_level("WARNING", logger="quant.compare"):
+    with caplog.at_level("WARNING", logger="petbind.quant.compare"):
         rows = compare.within_group_statistics(data)
     cols = compare.WITHIN_GROUP_COLUMNS
     drug = [r for r in rows if r[0] == "drug"]

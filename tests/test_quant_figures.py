@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from quant import figures
+from petbind.quant import figures
 from tests.quant_helpers import FRAME_END_S, FRAME_START_S, atlas_labels, srtm_tacs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

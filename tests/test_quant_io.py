@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from quant.io import (
+from petbind.quant.io import (
     TACTable,
     atomic_path,
     check_same_grid,
@@ -96,7 +96,7 @@ def test_read_tacs_bad_inputs_name_file_and_field(tmp_path):
 def test_negative_tac_values_allowed_and_counted(caplog):
     vals = np.ones((FRAME_START_S.size, 1))
     vals[:3, 0] = -0.5
-    with caplog.at_level("WARNING", logger="quant.io"):
+    with caplog.at_level("WARNING", logger="petbind.quant.io"):
         t = TACTable(FRAME_START_S, FRAME_END_S, ["r"], vals, source="neg.tsv")
     assert t.values[0, 0] == -0.5
     assert "neg.tsv: 3 negative" in caplog.text

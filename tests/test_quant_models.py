@@ -1,4 +1,5 @@
-"""Tests for quant.models: kinetic models, weights, parametric maps.
+"""Tests for petbind.quant.models: kinetic models, weights, parametric maps.
+import petbind.quant
 
 Oracles are independent of the code under test: TACs come from a plasma-input
 compartment model integrated with ``scipy.integrate.solve_ivp`` (frame means
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad, solve_ivp
 
-from quant.models import (
+from petbind.quant.models import (
     MODELS,
     STATUS_NAMES,
     KineticResult,
@@ -27,7 +28,7 @@ from quant.models import (
     parametric_maps,
     srtm_forward,
 )
-from quant.models._core import Frames, conv_matrices, conv_per_target
+from petbind.quant.models._core import Frames, conv_matrices, conv_per_target
 
 # [11C] 90-min protocol: 6x10 s, 3x20 s, 6x30 s, 5x60 s, 5x120 s, 8x300 s, 3x600 s.
 DUR_S = [10] * 6 + [20] * 3 + [30] * 6 + [60] * 5 + [120] * 5 + [300] * 8 + [600] * 3
@@ -120,7 +121,7 @@ def test_srtm_forward_reduces_to_reference_and_matches_1tc_ode(srtm_data):
 
 
 def test_srtm_jacobian_matches_finite_differences(srtm_data):
-    from quant.models.fit import srtm_jacobian
+    from petbind.quant.models.fit import srtm_jacobian
 
     ref, _ = srtm_data
     f = Frames(START_S, END_S)
@@ -353,10 +354,10 @@ def test_srtm_bound_is_flagged(srtm_data):
 def test_docstring_examples_run():
     import doctest
 
-    import quant.models.fit
-    import quant.models.srtm
+    import petbind.quant.models.fit
+    import petbind.quant.models.srtm
 
-    for mod in (quant.models.fit, quant.models.srtm):
+    for mod in (petbind.quant.models.fit, petbind.quant.models.srtm):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0
 
@@ -497,7 +498,7 @@ def test_maps_bad_input():
 def test_to_nifti_writes_maps_and_sidecar(tmp_path):
     import nibabel as nib
 
-    import quant
+    import petbind.quant
 
     rng = np.random.default_rng(14)
     ref, img, bp = _phantom(rng, shape=(3, 2, 2), noise=0.0)
@@ -514,7 +515,7 @@ def test_to_nifti_writes_maps_and_sidecar(tmp_path):
     meta = json.loads((tmp_path / "sub-01_bfsrtm.json").read_text())
     assert meta["model"] == "bfsrtm"
     assert meta["reference_region"] == "cerebellum"
-    assert meta["software_version"] == quant.__version__
+    assert meta["software_version"] == petbind.quant.__version__
     assert len(meta["theta3_grid_per_min"]) == 100
     assert meta["weights"] == "none"
     with pytest.raises(ValueError, match="affine"):

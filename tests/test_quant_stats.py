@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
-from quant import stats
+from petbind.quant import stats
 
 
 def test_paired_t_hand_values_and_scipy():

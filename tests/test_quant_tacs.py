@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from quant.io import load_atlas, load_pet
-from quant.tacs import extract_tacs, split_reference, tacs_from_image
+from petbind.quant.io import load_atlas, load_pet
+from petbind.quant.tacs import extract_tacs, split_reference, tacs_from_image
 from tests.quant_helpers import AFFINE, FRAME_END_S, FRAME_START_S, REGION_NAMES, atlas_labels, write_atlas, write_pet
 
 

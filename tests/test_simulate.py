@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
-from recon.projector import SinogramProjector
-from recon.simulate import (
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.projector import SinogramProjector
+from petbind.sim.acquisition import (
     BasisActivity,
     ListmodeSimulator,
     decay_integral,
     random_crystal_efficiencies,
     sample_decay_times,
 )
-from recon.system import randoms_from_singles
+from petbind.recon.system import randoms_from_singles
 
 HALF_LIFE_S = 1221.84
 
@@ -249,7 +249,7 @@ def test_bad_input_is_refused(setup):
 
 @pytest.mark.parametrize("scale", [0.01, 5.0])  # sparse (categorical) and dense (per-bin) regimes
 def test_draw_poisson_sparse_is_poisson_per_bin(scale):
-    from recon.simulate import draw_poisson_sparse
+    from petbind.sim.acquisition import draw_poisson_sparse
 
     rng = np.random.default_rng(9)
     mean = scale * np.array([0.0, 1.0, 3.0, 0.5, 0.0, 2.0, 8.0, 0.2] * 8)
@@ -332,7 +332,7 @@ def test_basis_listmode_counts_follow_the_expected_sinogram(setup, tof):
 
 
 def test_write_sinograms_round_trip(setup, tmp_path):
-    from recon.io import ExamInfo, read_sinograms_h5
+    from petbind.recon.rawdata.hdf5 import ExamInfo, read_sinograms_h5
 
     activity = setup[3]
     sim = make_sim(setup)
@@ -349,8 +349,8 @@ def test_write_sinograms_round_trip(setup, tmp_path):
 
 @pytest.mark.parametrize("tof", [None, TOFParameters(5, 20.0, 300.0)])
 def test_events_histogram_with_recon_listmode(setup, tof):
-    # Independent inverse map: recon.listmode.histogram_events (SinogramLayout.bin_indices).
-    from recon.listmode import histogram_events
+    # Independent inverse map: petbind.recon.listmode.histogram_events (SinogramLayout.bin_indices).
+    from petbind.recon.listmode import histogram_events
 
     scanner, layout, grid, activity, mu, eff = setup
     sim = make_sim(setup, tof=tof, sensitivity_cps_per_kbq=5.0)
@@ -366,7 +366,7 @@ def test_events_histogram_with_recon_listmode(setup, tof):
 
 
 def test_gap_crystals_never_detect(tmp_path):
-    from recon.io import ListmodeReader, ListmodeWriter
+    from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
 
     scanner = Scanner.polygon(8, 4, 8.0, 60.0, 2, 4.0, gap_crystals_per_module=1)
     layout = SinogramLayout(scanner, 17)
@@ -386,9 +386,9 @@ def test_gap_crystals_never_detect(tmp_path):
 
 
 def test_osem_with_the_simulator_factors_recovers_bq_per_ml(setup):
-    # Cross-module check: data simulated here, reconstructed by recon.osem with the same factors
+    # Cross-module check: data simulated here, reconstructed by petbind.recon.osem with the same factors
     # (m = kappa * D * n * a; a = scatter + randoms), give back the activity in Bq/mL.
-    from recon.osem import SinogramOSEM
+    from petbind.recon.osem import SinogramOSEM
 
     scanner, layout, grid, activity, mu, eff = setup
     sim = make_sim(setup)

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from recon.geometry import Scanner
-from recon.io import ListmodeReader
-from recon.kinetics import AZ10419369_REFERENCE, FengInput, frame_times_s, simulate_regional_tacs
-from recon.study import StudyConfig, simulate_study, study_truth
+from petbind.recon.geometry import Scanner
+from petbind.recon.rawdata.hdf5 import ListmodeReader
+from petbind.sim.kinetics import AZ10419369_REFERENCE, FengInput, frame_times_s, simulate_regional_tacs
+from petbind.sim.study import StudyConfig, simulate_study, study_truth
 
 FRAMES = (60.0, 120.0, 300.0, 600.0)
 
@@ -167,8 +167,8 @@ def test_cli_images_only(tmp_path):
 
 def test_calibration_factor_is_inverse_kappa(study):
     # Oracle: a point source at the grid centre projected with the sinogram projector.
-    from recon.geometry import ImageGrid, SinogramLayout
-    from recon.projector import SinogramProjector
+    from petbind.recon.geometry import ImageGrid, SinogramLayout
+    from petbind.recon.projector import SinogramProjector
 
     out, cfg, _ = study
     r = ListmodeReader(out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_pet-listmode.h5")
@@ -184,7 +184,7 @@ def test_calibration_factor_is_inverse_kappa(study):
 
 def test_petsird_copy_holds_the_same_events(tmp_path):
     """With write_petsird each session also gets a PETSIRD file with the same events."""
-    from recon.petsird_io import PetsirdReader
+    from petbind.recon.rawdata.petsird_io import PetsirdReader
 
     simulate_study(tmp_path, tiny_config(num_subjects=1, write_petsird=True, frame_durations_s=(60.0, 120.0)))
     pet = tmp_path / "sub-01" / "ses-baseline" / "pet"

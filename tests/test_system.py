@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from recon.geometry import ImageGrid, Scanner, SinogramLayout
-from recon.operators import LinearOperator
-from recon.system import (
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout
+from petbind.recon.operators import LinearOperator
+from petbind.recon.system import (
     GaussianFilter,
     SystemModel,
     attenuation_factors,
@@ -114,9 +114,9 @@ def test_normalisation_and_randoms_from_crystal_values(span):
 
 @pytest.mark.parametrize("tof", [None, "tof"])
 def test_system_model_with_real_projector(tof):
-    from recon.geometry import TOFParameters
-    from recon.projector import SinogramProjector
-    from recon.system import LORProjector
+    from petbind.recon.geometry import TOFParameters
+    from petbind.recon.projector import SinogramProjector
+    from petbind.recon.system import LORProjector
 
     scanner = Scanner.cylindrical(50.0, 24, 3, 4.0)
     layout = SinogramLayout(scanner, 11)

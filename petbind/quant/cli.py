@@ -1,0 +1,483 @@
+"""``petbind-quant``: TACs, kinetic model fits, parametric maps and comparisons.
+
+Subcommands
+-----------
+``tacs``     4-D PET image + sidecar + atlas -> regional TAC table (``_tacs.tsv``)
+``fit``      TAC table -> one row per target region (BP_ND, R1, k2, k2')
+``map``      4-D PET image -> voxelwise parametric maps (NIfTI + JSON)
+``compare``  two sessions (result TSVs or BP_ND maps) -> change tables/maps,
+             or ``--study DIR`` -> group statistics tables and figures
+
+Typical chain::
+
+    petbind-quant tacs sub-01_ses-baseline_pet.nii.gz --atlas atlas.nii.gz \\
+        --labels atlas.tsv --out sub-01_ses-baseline_tacs.tsv
+    petbind-quant fit sub-01_ses-baseline_tacs.tsv --reference cerebellum \\
+        --model srtm --out sub-01_ses-baseline_bpnd.tsv
+    petbind-quant compare --study study/ --out-dir results/
+
+Bad input prints one line ``petbind-quant: error: ...`` and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("petbind.quant")
+
+MODEL_CHOICES = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
+WEIGHT_CHOICES = ("none", "duration", "counts")
+
+#: Physical half-lives (minutes) of PET radionuclides, by PET-BIDS
+#: ``TracerRadionuclide`` spelling (case and hyphens ignored).
+HALF_LIFE_MIN = {
+    "c11": 20.364,
+    "f18": 109.77,
+    "o15": 2.037,
+    "n13": 9.965,
+    "ga68": 67.71,
+    "cu64": 762.0,
+    "zr89": 4704.6,
+    "rb82": 1.2733,
+}
+DEFAULT_HALF_LIFE_MIN = HALF_LIFE_MIN["c11"]
+
+#: Columns that every ``fit`` result TSV starts with (the CLI contract).
+FIT_COLUMNS = ["region", "model", "bp_nd", "r1", "k2_per_min", "k2prime_per_min", "status"]
+_PARAMS = ["bp_nd", "r1", "k2_per_min", "k2prime_per_min"]
+
+#: File name suffix of each parametric map written by ``map``.
+MAP_SUFFIX = {"bp_nd": "bpnd", "r1": "r1", "k2_per_min": "k2", "k2prime_per_min": "k2prime"}
+
+
+class InputError(ValueError):
+    """Bad command-line input (reported as one line, exit code 2)."""
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(level)
+    if not any(getattr(h, "_petbind_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._petbind_cli = True
+        logger.addHandler(handler)
+
+
+def _half_life_from_sidecar(sidecar: dict, source) -> float | None:
+    nuc = sidecar.get("TracerRadionuclide")
+    if nuc is None:
+        return None
+    key = str(nuc).replace("-", "").replace(" ", "").lower()
+    # Accept "11C" as well as "C11"
+    if key and key[0].isdigit():
+        digits = "".join(ch for ch in key if ch.isdigit())
+        key = key[len(digits):] + digits
+    if key not in HALF_LIFE_MIN:
+        raise InputError(
+            f"{source}: field 'TracerRadionuclide' is {nuc!r}, half-life unknown; pass --half-life-min "
+            f"(known: {sorted(HALF_LIFE_MIN)})"
+        )
+    return HALF_LIFE_MIN[key]
+
+
+def _resolve_half_life(arg_value, sidecar: dict | None, source) -> float:
+    if arg_value is not None:
+        if not (arg_value > 0 and math.isfinite(arg_value)):
+            raise InputError(f"--half-life-min must be a positive number of minutes, got {arg_value}")
+        return float(arg_value)
+    if sidecar:
+        hl = _half_life_from_sidecar(sidecar, source)
+        if hl is not None:
+            logger.info("half-life %.4g min from %s TracerRadionuclide", hl, source)
+            return hl
+    logger.info("half-life %.5g min (11C default)", DEFAULT_HALF_LIFE_MIN)
+    return DEFAULT_HALF_LIFE_MIN
+
+
+def _check_model_options(args) -> None:
+    if args.tstar_min is not None and not (args.tstar_min >= 0 and math.isfinite(args.tstar_min)):
+        raise InputError(f"--tstar-min must be >= 0 minutes, got {args.tstar_min}")
+    if args.k2prime_per_min is not None and not (args.k2prime_per_min > 0 and math.isfinite(args.k2prime_per_min)):
+        raise InputError(f"--k2prime-per-min must be > 0 per minute, got {args.k2prime_per_min}")
+
+
+def _per_target(value, n: int, default=math.nan) -> np.ndarray:
+    """Broadcast a result field (scalar or (n,)) to shape (n,)."""
+    if value is None:
+        return np.full(n, default)
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return np.full(n, arr.item())
+    return arr.reshape(-1)[:n] if arr.size == n else np.full(n, default)
+
+
+def _status_name(status_names, code: int) -> str:
+    """Short status name (first word of the model's description)."""
+    name = None
+    if isinstance(status_names, dict):
+        name = status_names.get(code, status_names.get(str(code)))
+    elif status_names is not None and 0 <= code < len(status_names):
+        name = status_names[code]
+    if name is None:
+        return "ok" if code == 0 else str(code)
+    return str(name).split(" ")[0] or str(code)
+
+
+def _to_host(a) -> np.ndarray:
+    """NumPy copy of a NumPy or CuPy array (maps come back on the device they were fitted on)."""
+    return a.get() if hasattr(a, "get") and type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
+
+
+def _read_optional_sidecar(path: Path) -> dict | None:
+    from petbind.quant.io import read_json, sidecar_path_for
+
+    side = sidecar_path_for(path)
+    return read_json(side) if side.exists() else None
+
+
+def _emit(args, paths) -> None:
+    if not args.quiet:
+        for p in paths:
+            print(p)
+
+
+# --------------------------------------------------------------------------
+# subcommands
+# --------------------------------------------------------------------------
+def cmd_tacs(args) -> list[Path]:
+    from petbind.quant.io import load_atlas, load_pet, sidecar_path_for, write_json, write_tacs_tsv
+    from petbind.quant.tacs import tacs_from_image
+
+    pet = load_pet(args.image, args.json)
+    atlas = load_atlas(args.atlas, args.labels)
+    table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
+    out = write_tacs_tsv(args.out, table)
+    side = {
+        "Description": "regional mean time-activity curves",
+        "Sources": [str(args.image), str(args.atlas), str(args.labels)],
+        "Units": "Bq/mL",
+        "frame_start": {"Description": "frame start from injection", "Units": "s"},
+        "frame_end": {"Description": "frame end from injection", "Units": "s"},
+        "VoxelCount": {
+            name: int(np.sum(atlas.labels == atlas.index_of(name))) for name in table.region_names
+        },
+    }
+    for key in ("TracerRadionuclide", "TracerName", "InjectedRadioactivity", "InjectedRadioactivityUnits"):
+        if key in pet.sidecar:
+            side[key] = pet.sidecar[key]
+    write_json(sidecar_path_for(out), side)
+    logger.info("%d regions x %d frames -> %s", len(table.region_names), table.n_frames, out)
+    return [out]
+
+
+def cmd_fit(args) -> list[Path]:
+    from petbind.quant.io import read_tacs_tsv, sidecar_path_for, write_json, write_table_tsv
+    from petbind.quant.tacs import split_reference
+
+    _check_model_options(args)
+    table = read_tacs_tsv(args.tacs)
+    ref, names, tac = split_reference(table, args.reference, args.regions)
+    half_life = _resolve_half_life(args.half_life_min, _read_optional_sidecar(Path(args.tacs)), args.tacs)
+    from petbind.quant.models import fit_model
+
+    res = fit_model(args.model, table.frame_start_s, table.frame_end_s, ref, tac, weights=args.weights,
+                    tstar_min=args.tstar_min, k2prime_per_min=args.k2prime_per_min, half_life_min=half_life)
+    n = len(names)
+    params = {k: _per_target(res.parameters.get(k), n) for k in _PARAMS}
+    ses = {k: _per_target((res.standard_errors or {}).get(k), n) for k in _PARAMS}
+    status = _per_target(res.status, n, default=-1).astype(int)
+    bound = _per_target(getattr(res, "bound_hit", None), n, default=False).astype(bool)
+    columns = FIT_COLUMNS + ["status_name"] + [f"se_{k}" for k in _PARAMS] + ["bound_hit", "reference"]
+    rows = []
+    for i, name in enumerate(names):
+        rows.append([name, res.model, *(params[k][i] for k in _PARAMS), int(status[i]),
+                     _status_name(getattr(res, "status_names", None), int(status[i])),
+                     *(ses[k][i] for k in _PARAMS),
+                     bool(bound[i]), args.reference])
+    out = write_table_tsv(args.out, columns, rows)
+    n_bad = int(np.sum(status != 0))
+    if n_bad:
+        logger.warning("%s: %d of %d region fit(s) with non-zero status", args.out, n_bad, n)
+    write_json(sidecar_path_for(out), {
+        "Description": f"{res.model} fit of {args.tacs}",
+        "Sources": [str(args.tacs)],
+        "Model": res.model,
+        "ReferenceRegion": args.reference,
+        "Weights": args.weights,
+        "TStarMin": args.tstar_min,
+        "K2PrimePerMin": args.k2prime_per_min,
+        "HalfLifeMin": half_life,
+        "Info": getattr(res, "info", {}),
+    })
+    written = [out]
+    if args.figure:
+        from petbind.quant.figures import plot_tac_fits
+
+        fitted = np.asarray(res.fitted, dtype=float).reshape(table.n_frames, n)
+        written.append(plot_tac_fits(args.figure, table.frame_start_s, table.frame_end_s, ref, tac, fitted, names,
+                                     model=res.model, reference_name=args.reference, bp_nd=params["bp_nd"]))
+    return written
+
+
+def cmd_map(args) -> list[Path]:
+    from petbind.quant.io import load_atlas, load_pet, save_nifti, check_same_grid
+    from petbind.quant.tacs import tacs_from_image
+
+    _check_model_options(args)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise InputError(f"--threshold must be a finite number (Bq/mL), got {args.threshold}")
+    pet = load_pet(args.image, args.json)
+    atlas = load_atlas(args.atlas, args.labels)
+    check_same_grid(pet.data.shape, pet.affine, pet.path, atlas.labels.shape, atlas.affine, atlas.path)
+    ref = tacs_from_image(pet, atlas, [args.reference]).column(args.reference)
+    if args.no_atlas_mask:
+        if args.mask_regions:
+            raise InputError("--mask-regions and --no-atlas-mask exclude each other")
+        mask = None
+    else:
+        mask = atlas.mask(args.mask_regions)
+        if not mask.any():
+            raise InputError(f"{args.atlas}: mask from atlas is empty")
+    half_life = _resolve_half_life(args.half_life_min, pet.sidecar, args.json or args.image)
+    xp = None
+    if args.device == "gpu":
+        import importlib.util
+
+        if importlib.util.find_spec("cupy") is None:
+            raise InputError("--device gpu needs CuPy (pip install 'petbind[gpu]' or cupy-cuda12x); use --device cpu")
+        xp = "cupy"
+    from petbind.quant.models import parametric_maps
+
+    pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, pet.data, mask=mask,
+                         threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
+                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, xp=xp,
+                         progress=not args.quiet)
+    prefix = str(args.out_prefix)
+    side = {
+        "Sources": [str(args.image), str(args.atlas)],
+        "Model": args.model,
+        "ReferenceRegion": args.reference,
+        "Weights": args.weights,
+        "TStarMin": args.tstar_min,
+        "K2PrimePerMin": args.k2prime_per_min,
+        "HalfLifeMin": half_life,
+        "Mask": "none" if mask is None else ("atlas regions " + str(args.mask_regions) if args.mask_regions
+                                             else "all labelled atlas voxels"),
+        "Threshold": args.threshold,
+    }
+    written = []
+    for name, arr in pm.maps.items():
+        suffix = MAP_SUFFIX.get(name, name)
+        if name.endswith("per_min"):
+            units = "1/min"
+        elif name == "residual":
+            units = "min (Logan plot)" if args.model == "logan" else "Bq/mL"
+        else:
+            units = "unitless"
+        written.append(save_nifti(f"{prefix}_{suffix}.nii.gz", _to_host(arr).astype(np.float32), pet.affine,
+                                  {**side, "Description": f"{args.model} parametric map {name}", "Units": units}))
+    status = _to_host(pm.status)
+    written.append(save_nifti(f"{prefix}_status.nii.gz", status.astype(np.int16), pet.affine,
+                              {**side, "Description": "fit status per voxel (0 ok)",
+                               "StatusCodes": {str(k): v for k, v in (getattr(pm, "status_names", None) or {}).items()},
+                               "Info": getattr(pm, "info", {})}))
+    names = getattr(pm, "status_names", None) or {}
+    masked_codes = [int(k) for k, v in names.items() if str(v).startswith("masked")]
+    n_bad = int(np.sum((status != 0) & ~np.isin(status, masked_codes)))
+    if n_bad:
+        logger.warning("%d fitted voxel(s) with non-zero status (see %s_status.nii.gz)", n_bad, prefix)
+    if args.figure and "bp_nd" in pm.maps:
+        from petbind.quant.figures import plot_map_montage
+
+        anatomy = pet.data.mean(axis=3)
+        written.append(plot_map_montage(args.figure, _to_host(pm.maps["bp_nd"]).astype(float), anatomy=anatomy,
+                                        title=f"{args.model.upper()} BP$_{{ND}}$"))
+    return written
+
+
+def _kind(path: str) -> str:
+    if path.endswith(".tsv"):
+        return "tsv"
+    if path.endswith(".nii") or path.endswith(".nii.gz"):
+        return "nifti"
+    raise InputError(f"{path}: expected a fit result .tsv or a BP_ND map .nii/.nii.gz")
+
+
+def cmd_compare(args) -> list[Path]:
+    from petbind.quant import compare
+
+    if args.study:
+        if args.baseline or args.post:
+            raise InputError("compare: give either --study DIR or --baseline and --post, not both")
+        if args.out_dir is None:
+            raise InputError("compare --study needs --out-dir")
+        if args.n_permutations < 1:
+            raise InputError(f"--n-permutations must be >= 1, got {args.n_permutations}")
+        out = compare.run_study(args.study, args.out_dir, args.baseline_session, args.post_session,
+                                args.group_column, args.n_permutations, args.seed, voxelwise=args.voxelwise,
+                                figures=not args.no_figures, progress=not args.quiet,
+                                result_pattern=args.result_pattern)
+        return list(out.values())
+    if not (args.baseline and args.post):
+        raise InputError("compare: give --baseline and --post (two sessions), or --study DIR")
+    if args.out_prefix is None:
+        raise InputError("compare --baseline/--post needs --out-prefix")
+    kb, kp = _kind(args.baseline), _kind(args.post)
+    if kb != kp:
+        raise InputError(f"{args.post}: is a {kp} file but {args.baseline} is a {kb} file; compare like with like")
+    prefix = str(args.out_prefix)
+    if kb == "tsv":
+        rows = compare.regional_change(compare.read_bpnd_tsv(args.baseline), compare.read_bpnd_tsv(args.post),
+                                       args.baseline, args.post)
+        return [compare.write_regional_change(prefix + "_change.tsv", rows)]
+    res = compare.change_maps(args.baseline, args.post, prefix)
+    written = [res["delta"], res["percent"]]
+    if not args.no_figures:
+        from petbind.quant.figures import plot_change_montage
+
+        written.append(plot_change_montage(prefix + "_delta-bpnd.png", res["delta_array"],
+                                           title="BP$_{ND}$ change (post - baseline)"))
+    return written
+
+
+# --------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else False
+    p.add_argument("--quiet", action="store_true", default=default,
+                   help="no progress bars, no informational messages, no list of written files")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages")
+    return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=MODEL_CHOICES, help="kinetic model")
+    p.add_argument("--weights", default="none", choices=WEIGHT_CHOICES,
+                   help="frame weights: none, frame duration, or counts (Mazoyer 1986: w = duration x decay factor / decay-corrected reference activity, i.e. 1/variance of Poisson counts)")
+    p.add_argument("--tstar-min", type=float, default=None,
+                   help="start of the linear part (min) for mrtm/mrtm2/logan")
+    p.add_argument("--k2prime-per-min", type=float, default=None,
+                   help="fixed reference efflux k2' (1/min) for srtm2/mrtm2/logan")
+    p.add_argument("--half-life-min", type=float, default=None,
+                   help=f"radionuclide half-life (min) for counts weights; default from the sidecar's "
+                        f"TracerRadionuclide, else {DEFAULT_HALF_LIFE_MIN} (11C)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``petbind-quant`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="petbind-quant", parents=[_common(False)],
+        description="Regional TACs, reference-tissue kinetic models, parametric maps and baseline vs "
+                    "post-dose comparison.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tacs,fit,map,compare}")
+    common = _common(True)
+
+    p = sub.add_parser("tacs", parents=[common], help="4-D PET + atlas -> regional TAC table (_tacs.tsv)",
+                       description="Mean activity per atlas region and frame; frame timing from the JSON sidecar.")
+    p.add_argument("image", help="4-D PET NIfTI (x, y, z, t) in Bq/mL")
+    p.add_argument("--json", default=None, help="PET-BIDS sidecar (default: image name with .json)")
+    p.add_argument("--atlas", required=True, help="integer label NIfTI on the PET grid")
+    p.add_argument("--labels", required=True, help="label TSV with columns index, name")
+    p.add_argument("--regions", nargs="+", default=None, help="only these regions (default all)")
+    p.add_argument("--out", required=True, help="output TAC TSV (a JSON sidecar is written next to it)")
+    p.set_defaults(func=cmd_tacs)
+
+    p = sub.add_parser("fit", parents=[common], help="fit a kinetic model to a TAC table",
+                       description="Fit a reference-tissue model to every target region of a TAC table. "
+                                   "Writes one row per target: " + ", ".join(FIT_COLUMNS) + ", status_name, "
+                                   "se_* standard errors, bound_hit, reference.")
+    p.add_argument("tacs", help="TAC TSV (frame_start, frame_end in s, one column per region in Bq/mL)")
+    p.add_argument("--reference", required=True, help="reference region name (a column of the TAC table)")
+    _model_options(p)
+    p.add_argument("--regions", nargs="+", default=None, help="target regions (default all but the reference)")
+    p.add_argument("--out", required=True, help="result TSV; name it *_bpnd.tsv for compare --study")
+    p.add_argument("--figure", default=None, help="optional PNG of data and fitted curves")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("map", parents=[common], help="voxelwise parametric maps",
+                       description="Voxelwise fit of a 4-D PET image; the reference TAC is the atlas region "
+                                   "mean. Writes <prefix>_bpnd.nii.gz, _r1, _k2, _k2prime, _status with JSON "
+                                   "sidecars on the PET affine.")
+    p.add_argument("image", help="4-D PET NIfTI (x, y, z, t) in Bq/mL")
+    p.add_argument("--json", default=None, help="PET-BIDS sidecar (default: image name with .json)")
+    p.add_argument("--atlas", required=True, help="integer label NIfTI on the PET grid")
+    p.add_argument("--labels", required=True, help="label TSV with columns index, name")
+    p.add_argument("--reference", required=True, help="reference region name in the label TSV")
+    _model_options(p)
+    p.add_argument("--mask-regions", nargs="+", default=None,
+                   help="fit only voxels in these atlas regions (default: all labelled voxels)")
+    p.add_argument("--no-atlas-mask", action="store_true", help="do not mask with the atlas (use --threshold)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="skip voxels whose mean activity is below this (Bq/mL), passed to the model")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="fit on the CPU (NumPy) or on a CUDA GPU (CuPy); default cpu")
+    p.add_argument("--out-prefix", required=True, help="output path prefix")
+    p.add_argument("--figure", default=None, help="optional PNG montage of BP_ND over the mean PET image")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser(
+        "compare", parents=[common], help="baseline vs post-dose change, per subject or per study",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Two sessions: --baseline B --post P --out-prefix X, with B, P both fit TSVs (-> X_change.tsv)\n"
+            "or both BP_ND maps (-> X_delta-bpnd.nii.gz, X_pctchange-bpnd.nii.gz + JSON, X_delta-bpnd.png).\n\n"
+            "Study: --study DIR --out-dir OUT, with the layout\n"
+            "  DIR/participants.tsv                       participant_id, group\n"
+            "  DIR/sub-<id>/ses-<baseline>/**/*_bpnd.tsv  fit output, one per subject/session\n"
+            "  DIR/sub-<id>/ses-<post>/**/*_bpnd.tsv\n"
+            "  DIR/sub-<id>/ses-<session>/**/*_bpnd.nii.gz  BP_ND maps (only for --voxelwise)\n"
+            "-> OUT/subject_changes.tsv, within_group.tsv (paired t, Wilcoxon, 95% CI, d_z, g_z, Holm, BH),\n"
+            "   group_by_time.tsv (Welch t, permutation p, Hedges g, Holm, BH), region_changes.png;\n"
+            "   with --voxelwise group-<g>_stat-{t,meandelta,p,pfdr}_bpndchange.nii.gz per group."
+        ))
+    p.add_argument("--baseline", default=None, help="baseline fit TSV or BP_ND map")
+    p.add_argument("--post", default=None, help="post-dose fit TSV or BP_ND map")
+    p.add_argument("--out-prefix", default=None, help="output prefix for two-session mode")
+    p.add_argument("--study", default=None, help="study folder (layout above)")
+    p.add_argument("--out-dir", default=None, help="output folder for --study")
+    p.add_argument("--baseline-session", default="baseline", help="baseline session label (default baseline)")
+    p.add_argument("--post-session", default="postdose", help="post-dose session label (default postdose)")
+    p.add_argument("--group-column", default="group", help="group column of participants.tsv (default group)")
+    p.add_argument("--result-pattern", default="*_bpnd.tsv",
+                   help="glob of the fit result in each session folder (default *_bpnd.tsv), "
+                        "e.g. '*_model-srtm_bpnd.tsv' when several models were fitted")
+    p.add_argument("--n-permutations", type=int, default=10000, help="random relabelings (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
+    p.add_argument("--voxelwise", action="store_true", help="also per-group voxelwise paired t-maps")
+    p.add_argument("--no-figures", action="store_true", help="skip PNG figures")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run ``petbind-quant``; return the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet, args.verbose)
+    try:
+        written = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        if args.verbose:
+            logger.exception("details")
+        msg = " ".join(str(exc).split())
+        print(f"petbind-quant: error: {msg}", file=sys.stderr)
+        return 2
+    _emit(args, written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,612 @@
+"""Framing and histogramming of listmode data; per-frame decay and dead-time factors.
+
+Frames are half-open time intervals ``[start, end)`` in seconds after scan
+start: an event at exactly ``end`` belongs to the next frame.  Event times are
+milliseconds (``time_ms``), frame edges are converted to ms once
+(``edge_ms = edge_s * 1000``, computed from exact decimal fractions so that
+frame definitions such as ``30x0.1s`` have no accumulated rounding).
+
+Histogramming consumes :class:`petbind.recon.rawdata.hdf5.ListmodeChunk` objects one at a time,
+so memory stays bounded by the chunk size plus the sinograms.  The same code
+runs on the GPU: with ``device="gpu"`` each chunk is copied to the device once
+and binned with CuPy's ``bincount``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from petbind.core.device import get_cupy, resolve_device, to_numpy
+from petbind.recon.geometry import SinogramLayout
+
+__all__ = [
+    "Frames",
+    "parse_frames",
+    "select_frame",
+    "Histogram",
+    "histogram_events",
+    "histogram_listmode",
+    "decay_correction_factor",
+    "dead_time_factors",
+    "frame_singles_rate_cps",
+    "frame_dead_time_factor",
+    "DEAD_TIME_MODELS",
+]
+
+log = logging.getLogger(__name__)
+
+DEAD_TIME_MODELS = ("non-paralyzable", "paralyzable")
+
+_UNIT_S = {"s": Fraction(1), "m": Fraction(60), "min": Fraction(60), "h": Fraction(3600)}
+
+
+def _fraction(value, what):
+    try:
+        frac = Fraction(str(value)) if not isinstance(value, Fraction) else value
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{what}: {value!r} is not a number") from None
+    return frac
+
+
+class Frames:
+    """Time frames of a dynamic acquisition (s after scan start).
+
+    Parameters
+    ----------
+    start_s : sequence of float
+        Frame starts (s), strictly increasing.
+    duration_s : sequence of float
+        Frame durations (s), positive.  Frames may leave gaps but must not
+        overlap.
+
+    Attributes
+    ----------
+    start_s, end_s, duration_s, mid_s : ndarray of float64, shape (num_frames,)
+
+    Examples
+    --------
+    >>> f = Frames.from_string("2x10s,1x1m")
+    >>> f.start_s.tolist(), f.end_s.tolist()
+    ([0.0, 10.0, 20.0], [10.0, 20.0, 80.0])
+    """
+
+    def __init__(self, start_s, duration_s):
+        starts = [_fraction(v, "frame start_s") for v in np.atleast_1d(np.asarray(start_s, dtype=object)).tolist()]
+        durs = [_fraction(v, "frame duration_s") for v in np.atleast_1d(np.asarray(duration_s, dtype=object)).tolist()]
+        self._init_exact(starts, durs)
+
+    def _init_exact(self, starts, durs):
+        if len(starts) != len(durs) or not starts:
+            raise ValueError(f"frames need as many starts as durations (at least one); got {len(starts)} and {len(durs)}")
+        if any(d <= 0 for d in durs):
+            raise ValueError(f"frame durations must be positive; got {[float(d) for d in durs]}")
+        if any(s < 0 for s in starts):
+            raise ValueError(f"frame starts must be >= 0 s; got {[float(s) for s in starts]}")
+        ends = [s + d for s, d in zip(starts, durs)]
+        for i in range(1, len(starts)):
+            if starts[i] < ends[i - 1]:
+                raise ValueError(
+                    f"frames must be in time order without overlap: frame {i} starts at {float(starts[i])} s "
+                    f"before frame {i - 1} ends at {float(ends[i - 1])} s"
+                )
+        self._starts, self._ends = starts, ends
+        self.start_s = np.array([float(s) for s in starts])
+        self.end_s = np.array([float(e) for e in ends])
+        self.duration_s = np.array([float(d) for d in durs])
+        self.mid_s = np.array([float((s + e) / 2) for s, e in zip(starts, ends)])
+        #: frame edges in ms, used for event selection
+        self.start_ms = np.array([float(s * 1000) for s in starts])
+        self.end_ms = np.array([float(e * 1000) for e in ends])
+
+    @classmethod
+    def from_string(cls, text, start_s=0.0):
+        """Parse ``"6x10s,3x20s,6x30s,5x60s"`` (units ``s``, ``m``/``min``, ``h``).
+
+        Parameters
+        ----------
+        text : str
+            Comma-separated ``COUNTxDURATIONUNIT`` items; ``COUNTx`` may be
+            omitted for a single frame.  Frames follow each other without gaps.
+        start_s : float
+            Start of the first frame (s after scan start).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"frame definition must be a non-empty string like '6x10s,3x20s'; got {text!r}")
+        durs = []
+        for item in text.replace(" ", "").split(","):
+            m = re.fullmatch(r"(?:(\d+)[x*])?(\d+(?:\.\d*)?|\.\d+)(s|m|min|h)", item)
+            if not m:
+                raise ValueError(
+                    f"frame definition item {item!r} in {text!r} not understood; expected COUNTxDURATION with unit "
+                    "s, m/min or h, e.g. '6x10s' or '5x1m'"
+                )
+            count = int(m.group(1)) if m.group(1) else 1
+            if count < 1:
+                raise ValueError(f"frame count must be >= 1 in {item!r}")
+            durs += [Fraction(m.group(2)) * _UNIT_S[m.group(3)]] * count
+        t = _fraction(start_s, "frame start_s")
+        starts = []
+        for d in durs:
+            starts.append(t)
+            t += d
+        obj = cls.__new__(cls)
+        obj._init_exact(starts, durs)
+        return obj
+
+    @classmethod
+    def from_bids(cls, frame_times_start, frame_duration):
+        """From PET-BIDS ``FrameTimesStart`` and ``FrameDuration`` (s).
+
+        Notes
+        -----
+        PET-BIDS times are relative to ``TimeZero``; here they are taken as
+        relative to the scan start of the listmode file.
+        """
+        return cls(frame_times_start, frame_duration)
+
+    def to_bids(self):
+        """``{"FrameTimesStart": [...], "FrameDuration": [...]}`` (s)."""
+        return {"FrameTimesStart": self.start_s.tolist(), "FrameDuration": self.duration_s.tolist()}
+
+    def __len__(self):
+        return len(self._starts)
+
+    def __iter__(self):
+        return iter(zip(self.start_s, self.end_s))
+
+    def __eq__(self, other):
+        return isinstance(other, Frames) and self._starts == other._starts and self._ends == other._ends
+
+    def __repr__(self):
+        return f"Frames(num_frames={len(self)}, first_start_s={self.start_s[0]:g}, last_end_s={self.end_s[-1]:g})"
+
+    def decay_correction(self, exam):
+        """Decay-correction factor of every frame to injection time.
+
+        Parameters
+        ----------
+        exam : ExamInfo
+            Supplies ``half_life_s`` and ``scan_start_s``.
+
+        Returns
+        -------
+        ndarray, shape (num_frames,)
+            See :func:`decay_correction_factor`.
+        """
+        if not exam.half_life_s > 0:
+            raise ValueError(f"exam.half_life_s must be known and positive for decay correction; got {exam.half_life_s}")
+        return decay_correction_factor(self.start_s, self.end_s, exam.half_life_s, exam.scan_start_s)
+
+    def frame_of(self, time_ms):
+        """Frame index of each event time (ms), ``-1`` outside every frame.
+
+        Parameters
+        ----------
+        time_ms : array of float
+            Event times (ms after scan start), NumPy or CuPy.
+        """
+        xp = np if type(time_ms).__module__.split(".")[0] != "cupy" else get_cupy()
+        t = xp.asarray(time_ms)
+        # frame edges go to the device once, not once per chunk
+        cache = self.__dict__.setdefault("_edges_cache", {})
+        if xp.__name__ not in cache:
+            cache[xp.__name__] = (xp.asarray(self.start_ms), xp.asarray(self.end_ms))
+        start_ms, end_ms = cache[xp.__name__]
+        # edges sorted because frames do not overlap; side="right" makes [start, end)
+        idx = xp.searchsorted(start_ms, t, side="right") - 1
+        safe = xp.clip(idx, 0, len(self) - 1)
+        inside = (idx >= 0) & (t < end_ms[safe])
+        return xp.where(inside, idx, -1)
+
+
+def parse_frames(definition, frame_duration=None, start_s=0.0):
+    """Frames from a string (``"6x10s,3x20s"``) or PET-BIDS lists.
+
+    Parameters
+    ----------
+    definition : str, Frames or sequence of float
+        A frame string, an existing :class:`Frames`, or ``FrameTimesStart`` (s)
+        when ``frame_duration`` is given.
+    frame_duration : sequence of float, optional
+        PET-BIDS ``FrameDuration`` (s).
+    start_s : float
+        Start of the first frame for string definitions.
+
+    Returns
+    -------
+    Frames
+    """
+    if isinstance(definition, Frames):
+        return definition
+    if isinstance(definition, str):
+        if frame_duration is not None:
+            raise ValueError("frame_duration is only used with a FrameTimesStart list, not with a frame string")
+        return Frames.from_string(definition, start_s)
+    if frame_duration is None:
+        raise ValueError("a list of frame starts needs frame_duration (PET-BIDS FrameDuration)")
+    return Frames.from_bids(definition, frame_duration)
+
+
+def select_frame(chunk, start_s, end_s):
+    """Boolean mask of a chunk's events inside ``[start_s, end_s)``.
+
+    Parameters
+    ----------
+    chunk : ListmodeChunk or array of float
+        A chunk, or event times in ms.
+    start_s, end_s : float
+        Frame edges (s after scan start).
+    """
+    t = chunk.time_ms if hasattr(chunk, "time_ms") else chunk
+    lo = float(_fraction(start_s, "start_s") * 1000)
+    hi = float(_fraction(end_s, "end_s") * 1000)
+    return (t >= lo) & (t < hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# histogramming
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Histogram:
+    """Sinograms histogrammed from listmode.
+
+    Attributes
+    ----------
+    prompts, delayeds : ndarray of float32
+        Shape ``(num_frames,) + layout.shape`` (``+ (num_tof_bins,)`` for TOF).
+    frames : Frames
+    num_prompts, num_delayeds : ndarray of int64, shape (num_frames,)
+        Events in each frame (inside and outside the layout).
+    num_outside_layout : ndarray of int64, shape (num_frames, 2)
+        Prompts and delayeds of the frame whose detector pair has no bin in
+        the layout (radial range, ring difference, gap or same crystal).
+    """
+
+    prompts: np.ndarray
+    delayeds: np.ndarray
+    frames: "Frames"
+    num_prompts: np.ndarray
+    num_delayeds: np.ndarray
+    num_outside_layout: np.ndarray
+
+
+def histogram_events(layout, detector_ids, is_prompt, tof_bin=None, num_tof_bins=None, frame_index=None, num_frames=1, out=None):
+    """Histogram one block of events (NumPy or CuPy) into flat counts.
+
+    Parameters
+    ----------
+    layout : SinogramLayout
+    detector_ids : array of int, shape (n, 2)
+    is_prompt : array of bool, shape (n,)
+    tof_bin : array of int, shape (n,), optional
+        TOF bins (with ``num_tof_bins``); ``None`` for a non-TOF histogram
+        (TOF bins of the events, if any, are summed).
+    num_tof_bins : int, optional
+    frame_index : array of int, shape (n,), optional
+        Frame of each event; ``-1`` events are ignored.  ``None``: all frame 0.
+    num_frames : int
+    out : array, shape (2, num_frames, layout.num_bins * T), optional
+        Accumulator (any integer dtype) to add the counts to, in place.
+
+    Returns
+    -------
+    counts : array, shape (2, num_frames, layout.num_bins * T)
+        ``counts[0]`` prompts, ``counts[1]`` delayeds; ``T = num_tof_bins`` or 1
+        (``out`` when given, else a new int64 array).
+
+    Notes
+    -----
+    When a block has far fewer events than bins, the counts are added through
+    ``unique`` (memory of the order of the events) instead of a full-size
+    ``bincount`` temporary.
+    outside : array of int64, shape (2, num_frames)
+        Events of each kind and frame that fall outside the layout.
+    """
+    xp = np if type(detector_ids).__module__.split(".")[0] != "cupy" else get_cupy()
+    bins, swapped = layout.bin_indices(detector_ids, return_swapped=True)
+    t_bins = 1
+    if tof_bin is not None:
+        t_bins = int(num_tof_bins)
+        k = xp.asarray(tof_bin).astype(xp.int64)
+        # a pair stored in the bin's opposite orientation sees the TOF axis reversed
+        k = xp.where(swapped, t_bins - 1 - k, k)
+        bins = xp.where(bins >= 0, bins * t_bins + k, -1)
+    kind = xp.where(xp.asarray(is_prompt), 0, 1).astype(xp.int64)
+    fr = xp.zeros_like(kind) if frame_index is None else xp.asarray(frame_index).astype(xp.int64)
+    in_frame = fr >= 0
+    size = layout.num_bins * t_bins
+    good = in_frame & (bins >= 0)
+    flat = (kind * num_frames + fr) * size + bins
+    if out is None:
+        out = xp.zeros((2, num_frames, size), dtype=xp.int64)
+    elif tuple(out.shape) != (2, num_frames, size):
+        raise ValueError(f"out must have shape {(2, num_frames, size)}; got {tuple(out.shape)}")
+    idx = flat[good]
+    flat_out = out.reshape(-1)
+    if 8 * idx.size < flat_out.size:
+        uniq, cnt = xp.unique(idx, return_counts=True)
+        flat_out[uniq] += cnt.astype(out.dtype)  # indices unique: no lost updates
+    else:
+        flat_out += xp.bincount(idx, minlength=flat_out.size).astype(out.dtype, copy=False)
+    counts = out
+    bad = in_frame & (bins < 0)
+    outside = xp.bincount((kind * num_frames + fr)[bad], minlength=2 * num_frames).reshape(2, num_frames)
+    return counts, outside
+
+
+def histogram_listmode(reader, layout, frames=None, tof=True, device="cpu", progress=True):
+    """Histogram a listmode file into prompt and delayed sinograms per frame.
+
+    Parameters
+    ----------
+    reader : ListmodeReader or iterable of ListmodeChunk
+        Source of events; read once, chunk by chunk.  A plain iterable must
+        also give ``frames`` and, for TOF, ``tof`` as a :class:`TOFParameters`.
+    layout : SinogramLayout
+    frames : Frames, str or None
+        Frames to histogram; ``None`` puts every event into one frame covering
+        ``[0, inf)``.
+    tof : bool or TOFParameters
+        ``True`` keeps the file's TOF bins (when it has them), ``False`` sums
+        them.
+    device : {"cpu", "gpu", "auto"}
+    progress : bool
+        Show a tqdm progress bar over chunks.
+
+    Returns
+    -------
+    Histogram
+        Counts are float32 (exact for counts below 2**24 per bin).
+
+    Notes
+    -----
+    Events whose detector pair has no bin in ``layout`` are counted in
+    ``num_outside_layout`` and logged, never silently lost.
+    """
+    if not isinstance(layout, SinogramLayout):
+        raise TypeError(f"layout must be a SinogramLayout; got {type(layout).__name__}")
+    file_tof = getattr(reader, "tof", None)
+    if tof is True:
+        tof_params = file_tof
+    elif tof is False or tof is None:
+        tof_params = None
+    else:
+        tof_params = tof
+        if file_tof is not None and file_tof.num_bins != tof_params.num_bins:
+            raise ValueError(f"tof has {tof_params.num_bins} bins but the file's events use {file_tof.num_bins}")
+    if hasattr(reader, "scanner") and reader.scanner != layout.scanner:
+        raise ValueError(f"{getattr(reader, 'path', 'listmode')}: scanner {reader.scanner} differs from the layout's {layout.scanner}")
+    if frames is None:
+        frames_obj = None
+        num_frames = 1
+    else:
+        frames_obj = parse_frames(frames)
+        num_frames = len(frames_obj)
+    device = resolve_device(device)
+    xp = get_cupy() if device == "gpu" else np
+    t_bins = tof_params.num_bins if tof_params is not None else 1
+    size = layout.num_bins * t_bins
+    # uint32 accumulators: exact up to 4.29e9 counts per bin at half the memory of int64
+    counts = xp.zeros((2, num_frames, size), dtype=xp.uint32)
+    outside = xp.zeros((2, num_frames), dtype=xp.int64)
+    totals = xp.zeros((2, num_frames), dtype=xp.int64)
+    if hasattr(reader, "chunks"):
+        window = (None, None) if frames_obj is None else (frames_obj.start_ms[0], frames_obj.end_ms[-1])
+        source = reader.chunks(*window)
+        total = getattr(reader, "num_events", None)
+    else:
+        source, total = reader, None
+    bar = tqdm(total=total, unit="ev", unit_scale=True, desc="histogram", disable=not progress)
+    for chunk in source:
+        ids = xp.asarray(chunk.detector_ids)
+        prompt = xp.asarray(chunk.is_prompt)
+        fr = None if frames_obj is None else frames_obj.frame_of(xp.asarray(chunk.time_ms))
+        k = None
+        if tof_params is not None:
+            if chunk.tof_bin is None:
+                raise ValueError("TOF histogram requested but the events have no tof_bin")
+            k = xp.asarray(chunk.tof_bin)
+        _, o = histogram_events(layout, ids, prompt, k, t_bins, fr, num_frames, out=counts)
+        outside += o
+        kind = xp.where(prompt, 0, 1)
+        frc = xp.zeros_like(kind) if fr is None else fr
+        sel = frc >= 0
+        totals += xp.bincount((kind * num_frames + frc)[sel], minlength=2 * num_frames).reshape(2, num_frames)
+        bar.update(len(chunk))
+    bar.close()
+    peak = int(counts.max()) if counts.size else 0
+    if peak >= 2**24:
+        raise ValueError(
+            f"a sinogram bin holds {peak} counts, more than float32 represents exactly (2**24); "
+            "histogram shorter frames or a coarser layout"
+        )
+    counts = to_numpy(counts)
+    outside = to_numpy(outside)
+    totals = to_numpy(totals)
+    if outside.sum():
+        log.info(
+            "%d prompts and %d delayeds fall outside %s (radial range, ring difference, gaps)",
+            int(outside[0].sum()), int(outside[1].sum()), layout,
+        )
+    shape = (num_frames,) + layout.shape + ((t_bins,) if tof_params is not None else ())
+    if frames_obj is None:
+        frames_obj = _open_frame()
+    return Histogram(
+        prompts=counts[0].reshape(shape).astype(np.float32),
+        delayeds=counts[1].reshape(shape).astype(np.float32),
+        frames=frames_obj,
+        num_prompts=totals[0],
+        num_delayeds=totals[1],
+        num_outside_layout=outside.T.copy(),
+    )
+
+
+def _open_frame():
+    """A single frame ``[0, inf)`` for histograms without frame definitions."""
+    obj = Frames.__new__(Frames)
+    obj._starts, obj._ends = [Fraction(0)], [None]
+    obj.start_s = np.array([0.0])
+    obj.end_s = np.array([math.inf])
+    obj.duration_s = np.array([math.inf])
+    obj.mid_s = np.array([math.inf])
+    obj.start_ms = np.array([0.0])
+    obj.end_ms = np.array([math.inf])
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# decay, singles and dead time
+# ------------------------------------------------------------------------------------------------
+def decay_correction_factor(frame_start_s, frame_end_s, half_life_s, scan_start_s=0.0):
+    """Factor that corrects the counts of a frame to activity at injection.
+
+    Parameters
+    ----------
+    frame_start_s, frame_end_s : float or array
+        Frame edges (s after scan start).
+    half_life_s : float
+        Physical half-life (s).
+    scan_start_s : float
+        Scan start after injection (s).
+
+    Returns
+    -------
+    float or ndarray
+        ``λ Δt / (exp(-λ t0) - exp(-λ t1))`` with ``t0, t1`` measured from
+        injection, ``Δt = t1 - t0`` and ``λ = ln 2 / half_life_s``.
+
+    Notes
+    -----
+    The counts in ``[t0, t1]`` from a source of initial activity ``A0`` are
+    ``A0 ∫ exp(-λt) dt = A0 (exp(-λ t0) - exp(-λ t1)) / λ``; dividing the mean
+    rate over the frame by the factor's reciprocal returns ``A0``.  Evaluated
+    with ``expm1`` so that short frames keep full precision.
+    """
+    if not half_life_s > 0:
+        raise ValueError(f"half_life_s must be positive; got {half_life_s}")
+    lam = math.log(2.0) / float(half_life_s)
+    t0 = np.asarray(frame_start_s, dtype=float) + float(scan_start_s)
+    t1 = np.asarray(frame_end_s, dtype=float) + float(scan_start_s)
+    if np.any(t1 <= t0):
+        raise ValueError("frame_end_s must be greater than frame_start_s")
+    dt = t1 - t0
+    # exp(-λt0) - exp(-λt1) = -exp(-λt0) * expm1(-λ dt)
+    out = lam * dt / (-np.exp(-lam * t0) * np.expm1(-lam * dt))
+    return float(out) if out.ndim == 0 else out
+
+
+def dead_time_factors(singles_rate_cps, tau_s, model="non-paralyzable"):
+    """Per-detector dead-time correction factor (true / measured rate).
+
+    Parameters
+    ----------
+    singles_rate_cps : array of float
+        Measured singles rate ``m`` per detector (counts/s).
+    tau_s : float
+        Dead time per event (s).
+    model : {"non-paralyzable", "paralyzable"}
+
+    Returns
+    -------
+    ndarray
+        ``n / m`` with ``n`` the true rate (1 where ``m == 0``).
+
+    Notes
+    -----
+    Non-paralyzable: ``m = n / (1 + n τ)`` so ``n / m = 1 / (1 - m τ)``
+    (needs ``m τ < 1``).  Paralyzable: ``m = n exp(-n τ)`` so
+    ``n = -W0(-m τ) / τ`` with the principal branch of the Lambert W function
+    (the low-rate solution; needs ``m τ <= 1/e``).
+
+    References
+    ----------
+    G. F. Knoll, Radiation Detection and Measurement, 4th ed., Wiley 2010, ch. 4.VII.
+    """
+    if model not in DEAD_TIME_MODELS:
+        raise ValueError(f"model must be one of {DEAD_TIME_MODELS}; got {model!r}")
+    if not tau_s >= 0:
+        raise ValueError(f"tau_s must be >= 0; got {tau_s}")
+    m = np.asarray(singles_rate_cps, dtype=float)
+    if np.any(m < 0) or not np.all(np.isfinite(m)):
+        raise ValueError("singles_rate_cps must be finite and >= 0")
+    x = m * float(tau_s)
+    if model == "non-paralyzable":
+        if np.any(x >= 1):
+            raise ValueError(f"non-paralyzable model needs rate * tau < 1; max is {x.max():.3g}")
+        return 1.0 / (1.0 - x)
+    from scipy.special import lambertw  # noqa: PLC0415
+
+    if np.any(x > 1 / math.e):
+        raise ValueError(f"paralyzable model needs rate * tau <= 1/e; max is {x.max():.3g}")
+    out = np.ones_like(x)
+    pos = x > 0
+    out[pos] = -np.real(lambertw(-x[pos], 0)) / x[pos]
+    return out
+
+
+def frame_singles_rate_cps(corrections, frames):
+    """Mean singles rate of every detector in every frame.
+
+    Parameters
+    ----------
+    corrections : ListmodeCorrections
+        With ``singles_block_edges_s`` and ``singles_counts``.
+    frames : Frames or str
+
+    Returns
+    -------
+    ndarray, shape (num_frames, num_detectors), counts/s
+        ``Σ_b counts_b |b ∩ f| / |b| / |f|``: each block's counts are spread
+        uniformly over the block and the part overlapping the frame is kept.
+
+    Raises
+    ------
+    ValueError
+        When the singles blocks do not cover a frame.
+    """
+    frames = parse_frames(frames)
+    if corrections is None or corrections.singles_counts is None:
+        raise ValueError("corrections have no singles (singles_block_edges_s / singles_counts)")
+    edges = np.asarray(corrections.singles_block_edges_s, dtype=float)
+    counts = np.asarray(corrections.singles_counts, dtype=float)
+    if frames.start_s[0] < edges[0] or frames.end_s[-1] > edges[-1]:
+        raise ValueError(
+            f"singles blocks cover [{edges[0]}, {edges[-1]}] s but the frames span "
+            f"[{frames.start_s[0]}, {frames.end_s[-1]}] s"
+        )
+    lo = np.maximum(edges[None, :-1], frames.start_s[:, None])
+    hi = np.minimum(edges[None, 1:], frames.end_s[:, None])
+    weight = np.clip(hi - lo, 0, None) / np.diff(edges)[None, :]  # (F, B)
+    return weight @ counts / frames.duration_s[:, None]
+
+
+def frame_dead_time_factor(singles_rate_cps, tau_s, model="non-paralyzable"):
+    """Coincidence dead-time factor of each frame from per-detector singles rates.
+
+    Parameters
+    ----------
+    singles_rate_cps : ndarray, shape (num_frames, num_detectors)
+        From :func:`frame_singles_rate_cps`.
+    tau_s : float
+        Dead time per single event (s).
+    model : {"non-paralyzable", "paralyzable"}
+
+    Returns
+    -------
+    ndarray, shape (num_frames,)
+        ``mean_i(f_i)²`` where ``f_i`` is :func:`dead_time_factors` of
+        detector ``i``: a coincidence needs both detectors alive, taken as
+        independent, so LOR ``(i, j)`` has factor ``f_i f_j``; the square of
+        the mean is exactly the mean of ``f_i f_j`` over all ordered detector
+        pairs (a frame-global factor; per-LOR factors are ``outer(f, f)``).
+    """
+    f = dead_time_factors(singles_rate_cps, tau_s, model)
+    f = np.atleast_2d(f)
+    return f.mean(axis=1) ** 2
