@@ -1,5 +1,4 @@
 """Tests for petbind.quant.models: kinetic models, weights, parametric maps.
-import petbind.quant
 
 Oracles are independent of the code under test: TACs come from a plasma-input
 compartment model integrated with ``scipy.integrate.solve_ivp`` (frame means
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad, solve_ivp
 
+import petbind.quant
 from petbind.quant.models import (
     MODELS,
     STATUS_NAMES,
