@@ -173,7 +173,7 @@ def main(argv=None):
     voxels = json.loads(tacs_json[0].read_text()).get("VoxelCount", {}) if tacs_json else {}
     rows = summary_rows(raw, deriv / "group", voxels)
     print(format_table(rows))
-    print(f"\nΔBP_ND = BP_ND(post-dose) - BP_ND(baseline), group means; p: group x time (drug vs placebo).")
+    print("\nΔBP_ND = BP_ND(post-dose) - BP_ND(baseline), group means; p: group x time (drug vs placebo).")
     print(f"figures: {deriv / 'group' / 'region_changes.png'}")
     print(f"wall time {wall:.0f} s (simulation {t_sim:.0f} s, pipeline {wall - t_sim:.0f} s)")
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from petbind.recon.rawdata.hdf5 import atomic_output  # noqa: E402
+from petbind.core.files import atomic_output
 
 LOG = logging.getLogger("make_phantom")
 

@@ -9,16 +9,15 @@ from scipy.integrate import quad
 
 from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
 from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
+from petbind.core.frames import Frames, parse_frames
 from petbind.recon.listmode import (
-    Frames,
     dead_time_factors,
-    decay_correction_factor,
     frame_dead_time_factor,
     frame_singles_rate_cps,
     histogram_listmode,
-    parse_frames,
     select_frame,
 )
+from petbind.core.decay import decay_correction_factor
 
 LAYOUTS = [(15, None, 1), (7, 2, 1), (9, None, 3), (1, 0, 1), (8, 3, 3)]
 

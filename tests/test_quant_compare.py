@@ -8,7 +8,7 @@ import pytest
 import scipy.stats as ss
 
 from petbind.quant import compare, stats
-from petbind.quant.io import read_table_tsv, write_table_tsv
+from petbind.core.files import read_table_tsv, write_table_tsv
 from tests.quant_helpers import AFFINE
 
 REGIONS = ["putamen", "caudate", "thalamus"]

@@ -3,16 +3,9 @@ import os
 import numpy as np
 import pytest
 
-from petbind.quant.io import (
-    TACTable,
-    atomic_path,
-    check_same_grid,
-    load_atlas,
-    load_pet,
-    read_tacs_tsv,
-    validate_frames,
-    write_tacs_tsv,
-)
+from petbind.quant.io import TACTable, check_same_grid, load_atlas, load_pet, read_tacs_tsv, write_tacs_tsv
+from petbind.core.files import atomic_output
+from petbind.core.frames import validate_frame_times
 from tests.quant_helpers import AFFINE, FRAME_DUR_S, FRAME_END_S, FRAME_START_S, atlas_labels, write_atlas, write_pet
 
 
@@ -55,13 +48,13 @@ def test_column_missing_lists_names():
 )
 def test_validate_frames_errors(start, end, pattern):
     with pytest.raises(ValueError, match=pattern):
-        validate_frames(start, end, "myfile.tsv")
+        validate_frame_times(start, end, "myfile.tsv")
     with pytest.raises(ValueError, match="myfile.tsv"):
-        validate_frames(start, end, "myfile.tsv")
+        validate_frame_times(start, end, "myfile.tsv")
 
 
 def test_frames_with_gap_accepted():
-    s, e = validate_frames([0, 60], [30, 90], "x")
+    s, e = validate_frame_times([0, 60], [30, 90], "x")
     np.testing.assert_array_equal(e, [30, 90])
 
 
@@ -178,7 +171,7 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.tsv"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_output(target, make_parents=True) as tmp:
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert target.read_text() == "old"

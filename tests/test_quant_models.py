@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from scipy.integrate import quad, solve_ivp
 
-import petbind.quant
 from petbind.quant.models import (
     MODELS,
     STATUS_NAMES,
@@ -28,7 +27,7 @@ from petbind.quant.models import (
     parametric_maps,
     srtm_forward,
 )
-from petbind.quant.models._core import Frames, conv_matrices, conv_per_target
+from petbind.quant.models._core import KineticFrames, conv_matrices, conv_per_target
 
 # [11C] 90-min protocol: 6x10 s, 3x20 s, 6x30 s, 5x60 s, 5x120 s, 8x300 s, 3x600 s.
 DUR_S = [10] * 6 + [20] * 3 + [30] * 6 + [60] * 5 + [120] * 5 + [300] * 8 + [600] * 3
@@ -92,7 +91,7 @@ def srtm_data():
 
 # ------------------------------------------------------------------ operator
 def test_convolution_operator_matches_quadrature():
-    f = Frames(START_S, END_S)
+    f = KineticFrames(START_S, END_S)
     rng = np.random.default_rng(1)
     c = rng.uniform(1.0, 5.0, f.n)
     xs, ys = np.r_[0.0, f.mid_min], np.r_[0.0, c]
@@ -124,7 +123,7 @@ def test_srtm_jacobian_matches_finite_differences(srtm_data):
     from petbind.quant.models.fit import srtm_jacobian
 
     ref, _ = srtm_data
-    f = Frames(START_S, END_S)
+    f = KineticFrames(START_S, END_S)
     p = np.array([[1.1, 0.2, 1.3], [0.7, 0.08, 0.4]])
     J = srtm_jacobian(f, ref, p[:, 0], p[:, 1], p[:, 2])
     for t in range(2):
@@ -238,7 +237,7 @@ def test_two_tissue_target_bias_within_literature_bound(tc2_data, model, tstar, 
 
 # ---------------------------------------------------------------- weights
 def test_weights_match_hand_computation():
-    f = Frames(START_S, END_S)
+    f = KineticFrames(START_S, END_S)
     ref = np.linspace(100.0, 2000.0, f.n)
     np.testing.assert_allclose(make_weights("none", f, ref), np.ones(f.n))
     dur_min = np.asarray(DUR_S) / 60.0
@@ -366,8 +365,8 @@ def test_docstring_examples_run():
     "kwargs, match",
     [
         (dict(frame_start_s=START_S[::-1], frame_end_s=END_S[::-1]), "sorted"),
-        (dict(frame_start_s=START_S[:-1]), "same length"),
-        (dict(frame_end_s=START_S), "frame_end_s must be > frame_start_s"),
+        (dict(frame_start_s=START_S[:-1]), "frame starts but .* frame ends"),
+        (dict(frame_end_s=START_S), "has end .* <= start .*; expected a positive duration"),
         (dict(frame_start_s=np.r_[START_S[:3], START_S[3] - 5, START_S[4:]]), "overlap"),
         (dict(reference_tac="nanref"), "reference_tac: all values must be finite"),
         (dict(reference_tac="short"), "reference_tac: expected 36"),

@@ -9,10 +9,10 @@ from petbind.recon.projector import SinogramProjector
 from petbind.sim.acquisition import (
     BasisActivity,
     ListmodeSimulator,
-    decay_integral,
     random_crystal_efficiencies,
     sample_decay_times,
 )
+from petbind.core.decay import decay_integral
 from petbind.recon.system import randoms_from_singles
 
 HALF_LIFE_S = 1221.84

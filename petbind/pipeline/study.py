@@ -80,18 +80,17 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from petbind.recon.rawdata.hdf5 import atomic_output  # noqa: E402
+from petbind.core.decay import decay_constant_per_s, decay_integral  # noqa: E402
+from petbind.core.files import atomic_output
 
 log = logging.getLogger("petbind.study")
 
@@ -115,7 +114,6 @@ __all__ = [
     "find_sessions",
     "read_session_frames",
     "calibration_kappa",
-    "decay_integral_s",
     "estimate_randoms",
     "estimate_scatter",
     "reconstruct_session",
@@ -242,9 +240,9 @@ def _atomic_save_npy(path, array):
 
 
 def _copy_atomic(src, dst):
-    from petbind.quant.io import atomic_path
+    from petbind.core.files import atomic_output
 
-    with atomic_path(dst) as tmp:
+    with atomic_output(dst, make_parents=True) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
 
@@ -289,7 +287,7 @@ def read_session_frames(session, frames_definition=None):
     StudyInputError
         Missing or unreadable sidecar, missing or malformed timing fields.
     """
-    from petbind.recon.listmode import Frames
+    from petbind.core.frames import Frames
 
     sidecar = {}
     if session.sidecar.exists():
@@ -509,16 +507,6 @@ def calibration_kappa(layout, grid, corrections, sensitivity_cps_per_kbq=None, d
     return 1.0 / cal, f"1 / corrections/calibration_factor ({cal:g})"
 
 
-def decay_integral_s(start_s, end_s, half_life_s):
-    """``D = ∫_{start}^{end} e^{-λ t} dt`` (s), times after injection, ``λ = ln 2 / T½``.
-
-    Counts of a frame are ``κ D × (decay-corrected activity)``; OSEM with
-    ``m ∝ D`` returns activity decay-corrected to injection.
-    """
-    lam = math.log(2.0) / float(half_life_s)
-    return float(math.exp(-lam * start_s) * -math.expm1(-lam * (end_s - start_s)) / lam)
-
-
 def estimate_randoms(layout, delayeds, singles_rate_cps=None):
     """Expected randoms of one frame (non-TOF sinogram).
 
@@ -641,12 +629,13 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
         Missing corrections, μ-map, efficiencies, half-life, or a grid the
         scanner does not cover.
     """
-    from petbind.quant.io import save_nifti
-    from petbind.recon.rawdata.hdf5 import ListmodeReader
-    from petbind.recon.listmode import Frames, frame_singles_rate_cps, histogram_listmode
-    from petbind.recon.osem import SinogramOSEM
     from petbind.core.device import to_numpy
+    from petbind.core.frames import Frames
+    from petbind.quant.io import save_nifti
+    from petbind.recon.listmode import frame_singles_rate_cps, histogram_listmode
+    from petbind.recon.osem import SinogramOSEM
     from petbind.recon.projector import SinogramProjector
+    from petbind.recon.rawdata.hdf5 import ListmodeReader
     from petbind.recon.system import attenuation_factors, normalisation_factors
 
     frames, in_sidecar = read_session_frames(session, options.frames)
@@ -714,7 +703,7 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
                 stats.append(json.loads(str(z["stats"])))
             bar.update()
             continue
-        d = decay_integral_s(scan_start + fs, scan_start + fe, half_life) * live[k]
+        d = decay_integral(scan_start + fs, scan_start + fe, decay_constant_per_s(half_life)) * live[k]
         h = histogram_listmode(reader, layout, frames=Frames([frames._starts[k]], [frames._ends[k] - frames._starts[k]]), tof=tof if tof is not None else False,
                                device="gpu" if device == "gpu" else "cpu", progress=False)
         prompts = h.prompts[0]
@@ -869,8 +858,8 @@ def run_pipeline(study_dir, deriv_dir, options=None):
         ``"done"`` or ``"skipped"``; ``group``: dict name -> path from
         :func:`petbind.quant.compare.run_study` (empty without participants.tsv).
     """
+    from petbind.core.files import write_json
     from petbind.quant.compare import run_study
-    from petbind.quant.io import write_json
 
     options = PipelineOptions() if options is None else options
     options.validate()

@@ -29,24 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
+
 logger = logging.getLogger("petbind.quant")
 
 MODEL_CHOICES = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
 WEIGHT_CHOICES = ("none", "duration", "counts")
 
-#: Physical half-lives (minutes) of PET radionuclides, by PET-BIDS
-#: ``TracerRadionuclide`` spelling (case and hyphens ignored).
-HALF_LIFE_MIN = {
-    "c11": 20.364,
-    "f18": 109.77,
-    "o15": 2.037,
-    "n13": 9.965,
-    "ga68": 67.71,
-    "cu64": 762.0,
-    "zr89": 4704.6,
-    "rb82": 1.2733,
-}
-DEFAULT_HALF_LIFE_MIN = HALF_LIFE_MIN["c11"]
+DEFAULT_HALF_LIFE_MIN = C11_HALF_LIFE_S / 60.0
 
 #: Columns that every ``fit`` result TSV starts with (the CLI contract).
 FIT_COLUMNS = ["region", "model", "bp_nd", "r1", "k2_per_min", "k2prime_per_min", "status"]
@@ -77,17 +67,10 @@ def _half_life_from_sidecar(sidecar: dict, source) -> float | None:
     nuc = sidecar.get("TracerRadionuclide")
     if nuc is None:
         return None
-    key = str(nuc).replace("-", "").replace(" ", "").lower()
-    # Accept "11C" as well as "C11"
-    if key and key[0].isdigit():
-        digits = "".join(ch for ch in key if ch.isdigit())
-        key = key[len(digits):] + digits
-    if key not in HALF_LIFE_MIN:
-        raise InputError(
-            f"{source}: field 'TracerRadionuclide' is {nuc!r}, half-life unknown; pass --half-life-min "
-            f"(known: {sorted(HALF_LIFE_MIN)})"
-        )
-    return HALF_LIFE_MIN[key]
+    try:
+        return half_life_s(nuc, f"{source}: field 'TracerRadionuclide'") / 60.0
+    except ValueError as exc:
+        raise InputError(f"{exc}; or pass --half-life-min") from None
 
 
 def _resolve_half_life(arg_value, sidecar: dict | None, source) -> float:
@@ -139,7 +122,7 @@ def _to_host(a) -> np.ndarray:
 
 
 def _read_optional_sidecar(path: Path) -> dict | None:
-    from petbind.quant.io import read_json, sidecar_path_for
+    from petbind.core.files import read_json, sidecar_path_for
 
     side = sidecar_path_for(path)
     return read_json(side) if side.exists() else None
@@ -155,7 +138,8 @@ def _emit(args, paths) -> None:
 # subcommands
 # --------------------------------------------------------------------------
 def cmd_tacs(args) -> list[Path]:
-    from petbind.quant.io import load_atlas, load_pet, sidecar_path_for, write_json, write_tacs_tsv
+    from petbind.core.files import sidecar_path_for, write_json
+    from petbind.quant.io import load_atlas, load_pet, write_tacs_tsv
     from petbind.quant.tacs import tacs_from_image
 
     pet = load_pet(args.image, args.json)
@@ -181,7 +165,8 @@ def cmd_tacs(args) -> list[Path]:
 
 
 def cmd_fit(args) -> list[Path]:
-    from petbind.quant.io import read_tacs_tsv, sidecar_path_for, write_json, write_table_tsv
+    from petbind.core.files import sidecar_path_for, write_json, write_table_tsv
+    from petbind.quant.io import read_tacs_tsv
     from petbind.quant.tacs import split_reference
 
     _check_model_options(args)
@@ -230,7 +215,7 @@ def cmd_fit(args) -> list[Path]:
 
 
 def cmd_map(args) -> list[Path]:
-    from petbind.quant.io import load_atlas, load_pet, save_nifti, check_same_grid
+    from petbind.quant.io import check_same_grid, load_atlas, load_pet, save_nifti
     from petbind.quant.tacs import tacs_from_image
 
     _check_model_options(args)

@@ -50,8 +50,9 @@ from typing import Sequence
 
 import numpy as np
 
+from petbind.core.files import read_table_tsv, write_table_tsv
 from petbind.quant import stats
-from petbind.quant.io import (check_same_grid, read_table_tsv, save_nifti, write_table_tsv, _load_nifti)
+from petbind.quant.io import _load_nifti, check_same_grid, save_nifti
 
 logger = logging.getLogger(__name__)
 

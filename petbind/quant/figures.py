@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from petbind.quant.io import atomic_path
+from petbind.core.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def _save(fig: Figure, path, dpi: int = 100) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_output(path, make_parents=True) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     logger.info("wrote %s", path)
     return Path(path)

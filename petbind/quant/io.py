@@ -27,17 +27,23 @@ Every file is written to a temporary name in the destination folder and then
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from petbind.core.files import (
+    atomic_output,
+    read_json,
+    read_table_tsv,
+    sidecar_path_for,
+    write_json,
+    write_table_tsv,
+)
+from petbind.core.frames import validate_frame_times
 
 logger = logging.getLogger(__name__)
 
@@ -45,214 +51,16 @@ __all__ = [
     "TACTable",
     "PETImage",
     "Atlas",
-    "atomic_path",
-    "atomic_write_text",
     "read_tacs_tsv",
     "write_tacs_tsv",
-    "read_table_tsv",
-    "write_table_tsv",
-    "read_json",
-    "write_json",
-    "validate_frames",
     "load_pet",
     "load_atlas",
     "check_same_grid",
     "save_nifti",
-    "sidecar_path_for",
 ]
-
-#: Relative tolerance (of the frame duration) for frame gaps/overlaps that
-#: stem from rounding in a TSV or JSON file.
-_FRAME_TOL_S = 1e-6
 
 #: Unit strings accepted in a PET sidecar and their factor to Bq/mL.
 _UNIT_TO_BQ_PER_ML = {"bq/ml": 1.0, "kbq/ml": 1e3, "mbq/ml": 1e6}
-
-
-# --------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
-
-    The temporary file lives in the destination folder (so ``os.replace`` is
-    atomic on POSIX) and keeps the final suffix(es) so that libraries which
-    pick a format from the extension (nibabel, matplotlib) behave.  On an
-    exception the temporary file is removed and ``path`` is left untouched.
-
-    Parameters
-    ----------
-    path : str or path-like
-        Final destination.  Its parent folder is created if needed.
-
-    Yields
-    ------
-    pathlib.Path
-        Temporary path to write to.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp" + suffix, dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON object from ``path``; errors name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: JSON file not found") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object at top level, got {type(obj).__name__}")
-    return obj
-
-
-def _json_default(obj):
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (Path, set, tuple)):
-        return str(obj) if isinstance(obj, Path) else list(obj)
-    # Metadata of unknown type (e.g. a module name object) is kept as its text.
-    return str(obj)
-
-
-def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def sidecar_path_for(path: str | os.PathLike) -> Path:
-    """Return the BIDS JSON sidecar path of a ``.nii``, ``.nii.gz`` or ``.tsv`` file."""
-    p = Path(path)
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".tsv"):
-        if name.endswith(ext):
-            return p.with_name(name[: -len(ext)] + ".json")
-    return p.with_suffix(".json")
-
-
-# --------------------------------------------------------------------------
-# generic TSV tables
-# --------------------------------------------------------------------------
-def _format_cell(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "n/a"
-        # repr gives the shortest string that round-trips exactly.
-        return repr(v)
-    text = str(value)
-    if "\t" in text or "\n" in text:
-        raise ValueError(f"table cell {text!r} contains a tab or newline; not allowed in TSV")
-    return text
-
-
-def write_table_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence]) -> Path:
-    """Write a generic table as BIDS TSV (``n/a`` for NaN/None), atomically.
-
-    Parameters
-    ----------
-    path : str or path-like
-        Destination ``.tsv``.
-    columns : sequence of str
-        Header.
-    rows : sequence of sequences
-        One entry per row, each with ``len(columns)`` cells.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    columns = [str(c) for c in columns]
-    lines = ["\t".join(columns)]
-    for i, row in enumerate(rows):
-        if len(row) != len(columns):
-            raise ValueError(f"{path}: row {i} has {len(row)} cells, header has {len(columns)}")
-        lines.append("\t".join(_format_cell(v) for v in row))
-    return atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def read_table_tsv(path: str | os.PathLike, required: Sequence[str] = ()) -> tuple[list[str], list[dict[str, str]]]:
-    """Read a TSV file into a header and a list of row dictionaries (strings).
-
-    Parameters
-    ----------
-    path : str or path-like
-        TSV file with a header line.
-    required : sequence of str
-        Column names that must be present.
-
-    Returns
-    -------
-    header : list of str
-    rows : list of dict
-        Raw string cells keyed by column name.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the file does not exist.
-    ValueError
-        If the file is empty, a row has the wrong number of cells, a column
-        name repeats or a required column is missing.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: TSV file not found") from None
-    lines = [ln.rstrip("\r") for ln in text.split("\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"{path}: empty file, expected a tab-separated header line")
-    header = [h.strip() for h in lines[0].split("\t")]
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise ValueError(f"{path}: duplicate column name(s) {dupes} in header")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; header has {header}")
-    rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        cells = line.split("\t")
-        if len(cells) != len(header):
-            raise ValueError(
-                f"{path}: line {lineno} has {len(cells)} tab-separated cells, expected {len(header)} (header {header})"
-            )
-        rows.append({h: c.strip() for h, c in zip(header, cells)})
-    return header, rows
 
 
 def _parse_float(text: str, path, column: str, lineno: int) -> float:
@@ -260,64 +68,6 @@ def _parse_float(text: str, path, column: str, lineno: int) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"{path}: column '{column}' line {lineno}: expected a number, got {text!r}") from None
-
-
-# --------------------------------------------------------------------------
-# frame timing
-# --------------------------------------------------------------------------
-def validate_frames(frame_start_s, frame_end_s, source: str = "frames") -> tuple[np.ndarray, np.ndarray]:
-    """Check frame timing and return it as float64 arrays.
-
-    Frames must be finite, non-negative, have positive duration, be sorted by
-    start time and must not overlap (gaps are allowed).
-
-    Parameters
-    ----------
-    frame_start_s, frame_end_s : array_like, shape (n_frames,)
-        Frame start and end times in seconds from injection.
-    source : str
-        Name of the file/field for error messages.
-
-    Returns
-    -------
-    frame_start_s, frame_end_s : ndarray of float64
-
-    Raises
-    ------
-    ValueError
-        Naming ``source`` and the first offending frame.
-    """
-    start = np.asarray(frame_start_s, dtype=np.float64).reshape(-1)
-    end = np.asarray(frame_end_s, dtype=np.float64).reshape(-1)
-    if start.shape != end.shape:
-        raise ValueError(f"{source}: {start.size} frame starts but {end.size} frame ends")
-    if start.size == 0:
-        raise ValueError(f"{source}: no frames")
-    if not (np.all(np.isfinite(start)) and np.all(np.isfinite(end))):
-        raise ValueError(f"{source}: frame times must be finite numbers (found NaN/inf)")
-    if np.any(start < 0):
-        i = int(np.flatnonzero(start < 0)[0])
-        raise ValueError(f"{source}: frame {i} starts at {start[i]} s, expected >= 0 s from injection")
-    dur = end - start
-    if np.any(dur <= 0):
-        i = int(np.flatnonzero(dur <= 0)[0])
-        raise ValueError(
-            f"{source}: frame {i} has end {end[i]} s <= start {start[i]} s; expected a positive duration"
-        )
-    if np.any(np.diff(start) <= 0):
-        i = int(np.flatnonzero(np.diff(start) <= 0)[0])
-        raise ValueError(
-            f"{source}: frames not sorted by start time (frame {i + 1} starts at {start[i + 1]} s, "
-            f"frame {i} at {start[i]} s); expected strictly increasing frame_start"
-        )
-    overlap = start[1:] < end[:-1] - _FRAME_TOL_S * np.maximum(1.0, dur[:-1])
-    if np.any(overlap):
-        i = int(np.flatnonzero(overlap)[0])
-        raise ValueError(
-            f"{source}: frames {i} and {i + 1} overlap (frame {i} ends at {end[i]} s, "
-            f"frame {i + 1} starts at {start[i + 1]} s); expected frame_start[i+1] >= frame_end[i]"
-        )
-    return start, end
 
 
 # --------------------------------------------------------------------------
@@ -346,7 +96,7 @@ class TACTable:
     source: str = field(default="TAC table", compare=False)
 
     def __post_init__(self):
-        self.frame_start_s, self.frame_end_s = validate_frames(self.frame_start_s, self.frame_end_s, self.source)
+        self.frame_start_s, self.frame_end_s = validate_frame_times(self.frame_start_s, self.frame_end_s, self.source)
         self.region_names = [str(n) for n in self.region_names]
         self.values = np.asarray(self.values, dtype=np.float64)
         n_frames = self.frame_start_s.size
@@ -621,7 +371,7 @@ def load_pet(nifti_path: str | os.PathLike, json_path: str | os.PathLike | None 
     if not isinstance(injection, (int, float)) or isinstance(injection, bool):
         raise ValueError(f"{json_path}: field 'InjectionStart' must be a number of seconds, got {injection!r}")
     start = starts - float(injection)
-    frame_start_s, frame_end_s = validate_frames(start, start + durs, f"{json_path} (FrameTimesStart/FrameDuration)")
+    frame_start_s, frame_end_s = validate_frame_times(start, start + durs, f"{json_path} (FrameTimesStart/FrameDuration)")
 
     shape = img.shape
     if len(shape) == 3:
@@ -759,7 +509,7 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, si
         data = data.astype(np.float32)
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path) as tmp:
+    with atomic_output(path, make_parents=True) as tmp:
         nib.save(img, str(tmp))
     if sidecar is not None:
         write_json(sidecar_path_for(path), sidecar)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from petbind.core.device import get_cupy, resolve_device, to_numpy
+from petbind.core.decay import decay_correction_factor  # noqa: F401  (part of this module's API)
+from petbind.core.device import array_module, get_cupy, resolve_device, to_numpy
+from petbind.core.frames import Frames, exact_seconds, parse_frames
 from petbind.recon.geometry import SinogramLayout
 
 __all__ = [
@@ -44,196 +44,6 @@ log = logging.getLogger(__name__)
 
 DEAD_TIME_MODELS = ("non-paralyzable", "paralyzable")
 
-_UNIT_S = {"s": Fraction(1), "m": Fraction(60), "min": Fraction(60), "h": Fraction(3600)}
-
-
-def _fraction(value, what):
-    try:
-        frac = Fraction(str(value)) if not isinstance(value, Fraction) else value
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"{what}: {value!r} is not a number") from None
-    return frac
-
-
-class Frames:
-    """Time frames of a dynamic acquisition (s after scan start).
-
-    Parameters
-    ----------
-    start_s : sequence of float
-        Frame starts (s), strictly increasing.
-    duration_s : sequence of float
-        Frame durations (s), positive.  Frames may leave gaps but must not
-        overlap.
-
-    Attributes
-    ----------
-    start_s, end_s, duration_s, mid_s : ndarray of float64, shape (num_frames,)
-
-    Examples
-    --------
-    >>> f = Frames.from_string("2x10s,1x1m")
-    >>> f.start_s.tolist(), f.end_s.tolist()
-    ([0.0, 10.0, 20.0], [10.0, 20.0, 80.0])
-    """
-
-    def __init__(self, start_s, duration_s):
-        starts = [_fraction(v, "frame start_s") for v in np.atleast_1d(np.asarray(start_s, dtype=object)).tolist()]
-        durs = [_fraction(v, "frame duration_s") for v in np.atleast_1d(np.asarray(duration_s, dtype=object)).tolist()]
-        self._init_exact(starts, durs)
-
-    def _init_exact(self, starts, durs):
-        if len(starts) != len(durs) or not starts:
-            raise ValueError(f"frames need as many starts as durations (at least one); got {len(starts)} and {len(durs)}")
-        if any(d <= 0 for d in durs):
-            raise ValueError(f"frame durations must be positive; got {[float(d) for d in durs]}")
-        if any(s < 0 for s in starts):
-            raise ValueError(f"frame starts must be >= 0 s; got {[float(s) for s in starts]}")
-        ends = [s + d for s, d in zip(starts, durs)]
-        for i in range(1, len(starts)):
-            if starts[i] < ends[i - 1]:
-                raise ValueError(
-                    f"frames must be in time order without overlap: frame {i} starts at {float(starts[i])} s "
-                    f"before frame {i - 1} ends at {float(ends[i - 1])} s"
-                )
-        self._starts, self._ends = starts, ends
-        self.start_s = np.array([float(s) for s in starts])
-        self.end_s = np.array([float(e) for e in ends])
-        self.duration_s = np.array([float(d) for d in durs])
-        self.mid_s = np.array([float((s + e) / 2) for s, e in zip(starts, ends)])
-        #: frame edges in ms, used for event selection
-        self.start_ms = np.array([float(s * 1000) for s in starts])
-        self.end_ms = np.array([float(e * 1000) for e in ends])
-
-    @classmethod
-    def from_string(cls, text, start_s=0.0):
-        """Parse ``"6x10s,3x20s,6x30s,5x60s"`` (units ``s``, ``m``/``min``, ``h``).
-
-        Parameters
-        ----------
-        text : str
-            Comma-separated ``COUNTxDURATIONUNIT`` items; ``COUNTx`` may be
-            omitted for a single frame.  Frames follow each other without gaps.
-        start_s : float
-            Start of the first frame (s after scan start).
-        """
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"frame definition must be a non-empty string like '6x10s,3x20s'; got {text!r}")
-        durs = []
-        for item in text.replace(" ", "").split(","):
-            m = re.fullmatch(r"(?:(\d+)[x*])?(\d+(?:\.\d*)?|\.\d+)(s|m|min|h)", item)
-            if not m:
-                raise ValueError(
-                    f"frame definition item {item!r} in {text!r} not understood; expected COUNTxDURATION with unit "
-                    "s, m/min or h, e.g. '6x10s' or '5x1m'"
-                )
-            count = int(m.group(1)) if m.group(1) else 1
-            if count < 1:
-                raise ValueError(f"frame count must be >= 1 in {item!r}")
-            durs += [Fraction(m.group(2)) * _UNIT_S[m.group(3)]] * count
-        t = _fraction(start_s, "frame start_s")
-        starts = []
-        for d in durs:
-            starts.append(t)
-            t += d
-        obj = cls.__new__(cls)
-        obj._init_exact(starts, durs)
-        return obj
-
-    @classmethod
-    def from_bids(cls, frame_times_start, frame_duration):
-        """From PET-BIDS ``FrameTimesStart`` and ``FrameDuration`` (s).
-
-        Notes
-        -----
-        PET-BIDS times are relative to ``TimeZero``; here they are taken as
-        relative to the scan start of the listmode file.
-        """
-        return cls(frame_times_start, frame_duration)
-
-    def to_bids(self):
-        """``{"FrameTimesStart": [...], "FrameDuration": [...]}`` (s)."""
-        return {"FrameTimesStart": self.start_s.tolist(), "FrameDuration": self.duration_s.tolist()}
-
-    def __len__(self):
-        return len(self._starts)
-
-    def __iter__(self):
-        return iter(zip(self.start_s, self.end_s))
-
-    def __eq__(self, other):
-        return isinstance(other, Frames) and self._starts == other._starts and self._ends == other._ends
-
-    def __repr__(self):
-        return f"Frames(num_frames={len(self)}, first_start_s={self.start_s[0]:g}, last_end_s={self.end_s[-1]:g})"
-
-    def decay_correction(self, exam):
-        """Decay-correction factor of every frame to injection time.
-
-        Parameters
-        ----------
-        exam : ExamInfo
-            Supplies ``half_life_s`` and ``scan_start_s``.
-
-        Returns
-        -------
-        ndarray, shape (num_frames,)
-            See :func:`decay_correction_factor`.
-        """
-        if not exam.half_life_s > 0:
-            raise ValueError(f"exam.half_life_s must be known and positive for decay correction; got {exam.half_life_s}")
-        return decay_correction_factor(self.start_s, self.end_s, exam.half_life_s, exam.scan_start_s)
-
-    def frame_of(self, time_ms):
-        """Frame index of each event time (ms), ``-1`` outside every frame.
-
-        Parameters
-        ----------
-        time_ms : array of float
-            Event times (ms after scan start), NumPy or CuPy.
-        """
-        xp = np if type(time_ms).__module__.split(".")[0] != "cupy" else get_cupy()
-        t = xp.asarray(time_ms)
-        # frame edges go to the device once, not once per chunk
-        cache = self.__dict__.setdefault("_edges_cache", {})
-        if xp.__name__ not in cache:
-            cache[xp.__name__] = (xp.asarray(self.start_ms), xp.asarray(self.end_ms))
-        start_ms, end_ms = cache[xp.__name__]
-        # edges sorted because frames do not overlap; side="right" makes [start, end)
-        idx = xp.searchsorted(start_ms, t, side="right") - 1
-        safe = xp.clip(idx, 0, len(self) - 1)
-        inside = (idx >= 0) & (t < end_ms[safe])
-        return xp.where(inside, idx, -1)
-
-
-def parse_frames(definition, frame_duration=None, start_s=0.0):
-    """Frames from a string (``"6x10s,3x20s"``) or PET-BIDS lists.
-
-    Parameters
-    ----------
-    definition : str, Frames or sequence of float
-        A frame string, an existing :class:`Frames`, or ``FrameTimesStart`` (s)
-        when ``frame_duration`` is given.
-    frame_duration : sequence of float, optional
-        PET-BIDS ``FrameDuration`` (s).
-    start_s : float
-        Start of the first frame for string definitions.
-
-    Returns
-    -------
-    Frames
-    """
-    if isinstance(definition, Frames):
-        return definition
-    if isinstance(definition, str):
-        if frame_duration is not None:
-            raise ValueError("frame_duration is only used with a FrameTimesStart list, not with a frame string")
-        return Frames.from_string(definition, start_s)
-    if frame_duration is None:
-        raise ValueError("a list of frame starts needs frame_duration (PET-BIDS FrameDuration)")
-    return Frames.from_bids(definition, frame_duration)
-
-
 def select_frame(chunk, start_s, end_s):
     """Boolean mask of a chunk's events inside ``[start_s, end_s)``.
 
@@ -245,8 +55,8 @@ def select_frame(chunk, start_s, end_s):
         Frame edges (s after scan start).
     """
     t = chunk.time_ms if hasattr(chunk, "time_ms") else chunk
-    lo = float(_fraction(start_s, "start_s") * 1000)
-    hi = float(_fraction(end_s, "end_s") * 1000)
+    lo = float(exact_seconds(start_s, "start_s") * 1000)
+    hi = float(exact_seconds(end_s, "end_s") * 1000)
     return (t >= lo) & (t < hi)
 
 
@@ -309,7 +119,7 @@ def histogram_events(layout, detector_ids, is_prompt, tof_bin=None, num_tof_bins
     outside : array of int64, shape (2, num_frames)
         Events of each kind and frame that fall outside the layout.
     """
-    xp = np if type(detector_ids).__module__.split(".")[0] != "cupy" else get_cupy()
+    xp = array_module(detector_ids)
     bins, swapped = layout.bin_indices(detector_ids, return_swapped=True)
     t_bins = 1
     if tof_bin is not None:
@@ -437,7 +247,7 @@ def histogram_listmode(reader, layout, frames=None, tof=True, device="cpu", prog
         )
     shape = (num_frames,) + layout.shape + ((t_bins,) if tof_params is not None else ())
     if frames_obj is None:
-        frames_obj = _open_frame()
+        frames_obj = Frames.open_ended()
     return Histogram(
         prompts=counts[0].reshape(shape).astype(np.float32),
         delayeds=counts[1].reshape(shape).astype(np.float32),
@@ -448,60 +258,9 @@ def histogram_listmode(reader, layout, frames=None, tof=True, device="cpu", prog
     )
 
 
-def _open_frame():
-    """A single frame ``[0, inf)`` for histograms without frame definitions."""
-    obj = Frames.__new__(Frames)
-    obj._starts, obj._ends = [Fraction(0)], [None]
-    obj.start_s = np.array([0.0])
-    obj.end_s = np.array([math.inf])
-    obj.duration_s = np.array([math.inf])
-    obj.mid_s = np.array([math.inf])
-    obj.start_ms = np.array([0.0])
-    obj.end_ms = np.array([math.inf])
-    return obj
-
-
 # ------------------------------------------------------------------------------------------------
 # decay, singles and dead time
 # ------------------------------------------------------------------------------------------------
-def decay_correction_factor(frame_start_s, frame_end_s, half_life_s, scan_start_s=0.0):
-    """Factor that corrects the counts of a frame to activity at injection.
-
-    Parameters
-    ----------
-    frame_start_s, frame_end_s : float or array
-        Frame edges (s after scan start).
-    half_life_s : float
-        Physical half-life (s).
-    scan_start_s : float
-        Scan start after injection (s).
-
-    Returns
-    -------
-    float or ndarray
-        ``λ Δt / (exp(-λ t0) - exp(-λ t1))`` with ``t0, t1`` measured from
-        injection, ``Δt = t1 - t0`` and ``λ = ln 2 / half_life_s``.
-
-    Notes
-    -----
-    The counts in ``[t0, t1]`` from a source of initial activity ``A0`` are
-    ``A0 ∫ exp(-λt) dt = A0 (exp(-λ t0) - exp(-λ t1)) / λ``; dividing the mean
-    rate over the frame by the factor's reciprocal returns ``A0``.  Evaluated
-    with ``expm1`` so that short frames keep full precision.
-    """
-    if not half_life_s > 0:
-        raise ValueError(f"half_life_s must be positive; got {half_life_s}")
-    lam = math.log(2.0) / float(half_life_s)
-    t0 = np.asarray(frame_start_s, dtype=float) + float(scan_start_s)
-    t1 = np.asarray(frame_end_s, dtype=float) + float(scan_start_s)
-    if np.any(t1 <= t0):
-        raise ValueError("frame_end_s must be greater than frame_start_s")
-    dt = t1 - t0
-    # exp(-λt0) - exp(-λt1) = -exp(-λt0) * expm1(-λ dt)
-    out = lam * dt / (-np.exp(-lam * t0) * np.expm1(-lam * dt))
-    return float(out) if out.ndim == 0 else out
-
-
 def dead_time_factors(singles_rate_cps, tau_s, model="non-paralyzable"):
     """Per-detector dead-time correction factor (true / measured rate).
 

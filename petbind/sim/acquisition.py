@@ -50,15 +50,20 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from petbind.core.decay import C11_HALF_LIFE_S, decay_integral
 from petbind.recon.geometry import ImageGrid, SinogramLayout, TOFParameters
-from petbind.recon.system import GaussianFilter, LORProjector, SystemModel, normalisation_factors
+from petbind.recon.system import (
+    GaussianFilter,
+    LORProjector,
+    SystemModel,
+    normalisation_factors,
+)
 
 __all__ = [
     "BasisActivity",
     "EventChunk",
     "FrameStats",
     "ListmodeSimulator",
-    "decay_integral",
     "sample_decay_times",
     "draw_poisson_sparse",
     "random_crystal_efficiencies",
@@ -66,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-C11_HALF_LIFE_S = 1221.84
 
 
 class BasisActivity(NamedTuple):
@@ -130,16 +134,6 @@ class FrameStats:
     @property
     def prompts(self):
         return self.trues + self.scatter + self.randoms
-
-
-def decay_integral(start_s, end_s, decay_constant_per_s):
-    """``∫_{start}^{end} e^{-λ t} dt`` (s), the decay-uncorrected exposure of a frame."""
-    start_s = np.asarray(start_s, dtype=float)
-    end_s = np.asarray(end_s, dtype=float)
-    lam = float(decay_constant_per_s)
-    if lam == 0:
-        return end_s - start_s
-    return np.exp(-lam * start_s) * -np.expm1(-lam * (end_s - start_s)) / lam
 
 
 def sample_decay_times(rng, n, start_s, end_s, decay_constant_per_s):

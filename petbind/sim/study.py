@@ -30,7 +30,6 @@ Every file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -41,8 +40,14 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from petbind.core.decay import C11_HALF_LIFE_S, decay_constant_per_s, decay_integral
+from petbind.core.files import atomic_output, write_json, write_table_tsv
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
-from petbind.recon.rawdata.hdf5 import atomic_output
+from petbind.sim.acquisition import (
+    BasisActivity,
+    ListmodeSimulator,
+    random_crystal_efficiencies,
+)
 from petbind.sim.kinetics import (
     AZ10419369_REFERENCE,
     AZ10419369_REGIONS,
@@ -53,7 +58,6 @@ from petbind.sim.kinetics import (
     simulate_regional_tacs,
 )
 from petbind.sim.phantom import BrainPhantom, load_brain_phantom, resample_phantom
-from petbind.sim.acquisition import BasisActivity, ListmodeSimulator, decay_integral, random_crystal_efficiencies
 
 __all__ = ["StudyConfig", "SessionTruth", "simulate_study", "DEFAULT_DRUG_EFFECT", "SESSIONS"]
 
@@ -197,28 +201,13 @@ class SessionTruth:
     regions: dict  # name -> RegionKinetics
 
 
-def _atomic_write_text(path, text):
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-
-
 def _atomic_save_nifti(img, path):
     with atomic_output(path) as tmp:
         nib.save(img, tmp)
 
 
-def _tsv(rows, columns):
-    lines = ["\t".join(columns)]
-    for r in rows:
-        lines.append("\t".join(_fmt(r[c]) for c in columns))
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+def _table(path, rows, columns):
+    write_table_tsv(path, columns, [[r[c] for c in columns] for r in rows])
 
 
 def _lognormal(rng, cv):
@@ -298,7 +287,7 @@ def _pet_json(config, truth, fs, fe, scan_date, images=False):
         "SimulationSeed": int(config.seed),
     }
     if images:
-        lam = math.log(2) / 1221.84
+        lam = decay_constant_per_s(C11_HALF_LIFE_S)
         d["DecayCorrectionFactor"] = [float((b - a) / decay_integral(a, b, lam)) for a, b in zip(fs, fe)]
         d["ReconMethodName"] = "none (true activity)" if config.write_images == "true" else "none (true activity + Gaussian noise)"
         d["ReconMethodParameterLabels"] = ["none"]
@@ -358,13 +347,13 @@ def simulate_study(out_dir, config=None, phantom=None):
     )
     base_date = _dt.datetime(2026, 1, 5, 9, 0, 0)
 
-    _atomic_write_text(out / "dataset_description.json", json.dumps({
+    write_json(out / "dataset_description.json", {
         "Name": "petbind simulated [11C]AZ10419369 occupancy study",
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "petbind petbind.sim.study", "Description": "simulated data, see ground_truth.tsv"}],
-    }, indent=2) + "\n")
-    _atomic_write_text(out / "participants.tsv", _tsv(participants, ["participant_id", "group", "age"]))
+        "GeneratedBy": [{"Name": "petbind.sim.study", "Description": "simulated data, see ground_truth.tsv"}],
+    })
+    _table(out / "participants.tsv", participants, ["participant_id", "group", "age"])
     truth_rows = []
     by_subject = {}
     for s in sessions:
@@ -374,11 +363,11 @@ def simulate_study(out_dir, config=None, phantom=None):
                 continue
             truth_rows.append({"subject": s.subject, "session": f"ses-{s.session}", "group": s.group, "region": name,
                                "bp_nd": float(rk.bp_nd), "r1": float(rk.r1)})
-    _atomic_write_text(out / "ground_truth.tsv", _tsv(truth_rows, ["subject", "session", "group", "region", "bp_nd", "r1"]))
-    atlas_tsv = _tsv([{"index": i, "name": n} for i, n in on_grid.label_table.items()], ["index", "name"])
+    _table(out / "ground_truth.tsv", truth_rows, ["subject", "session", "group", "region", "bp_nd", "r1"])
+    atlas_rows = [{"index": i, "name": n} for i, n in on_grid.label_table.items()]
 
     seeds = np.random.SeedSequence([int(config.seed), 3]).spawn(len(sessions))
-    lam = math.log(2) / 1221.84
+    lam = decay_constant_per_s(C11_HALF_LIFE_S)
     for si, truth in enumerate(tqdm(sessions, desc="simulating sessions", disable=config.quiet)):
         sub_dir = out / truth.subject
         anat = sub_dir / "anat"
@@ -387,11 +376,11 @@ def simulate_study(out_dir, config=None, phantom=None):
             img = nib.Nifti1Image(on_grid.labels.astype(np.uint8), grid.affine)
             img.header.set_xyzt_units("mm", "sec")
             _atomic_save_nifti(img, anat / f"{truth.subject}_atlas.nii.gz")
-            _atomic_write_text(anat / f"{truth.subject}_atlas.tsv", atlas_tsv)
+            _table(anat / f"{truth.subject}_atlas.tsv", atlas_rows, ["index", "name"])
             rows = [{"session_id": f"ses-{t.session}", "hours_after_baseline": t.hours_after_baseline,
                      "injected_activity_mbq": t.injected_activity_bq / 1e6} for t in by_subject[truth.subject]]
-            _atomic_write_text(sub_dir / f"{truth.subject}_sessions.tsv",
-                               _tsv(rows, ["session_id", "hours_after_baseline", "injected_activity_mbq"]))
+            _table(sub_dir / f"{truth.subject}_sessions.tsv", rows,
+                   ["session_id", "hours_after_baseline", "injected_activity_mbq"])
         pet = sub_dir / f"ses-{truth.session}" / "pet"
         pet.mkdir(parents=True, exist_ok=True)
         stem = f"{truth.subject}_ses-{truth.session}"
@@ -401,7 +390,7 @@ def simulate_study(out_dir, config=None, phantom=None):
         scan_date = base_date + _dt.timedelta(hours=truth.hours_after_baseline)
         rng_ses = np.random.default_rng(seeds[si])
         with_images = config.write_images is not None
-        _atomic_write_text(pet / f"{stem}_pet.json", json.dumps(_pet_json(config, truth, fs, fe, scan_date, with_images), indent=2) + "\n")
+        write_json(pet / f"{stem}_pet.json", _pet_json(config, truth, fs, fe, scan_date, with_images))
         if with_images:
             frames = np.tensordot(weights.T, basis, axes=1)  # (F, x, y, z)
             frames = np.moveaxis(frames, 0, -1).astype(np.float32)
@@ -415,7 +404,7 @@ def simulate_study(out_dir, config=None, phantom=None):
             _atomic_save_nifti(img, pet / f"{stem}_pet.nii.gz")
         if config.write_listmode:
             exam = ExamInfo(
-                tracer="[11C]AZ10419369", isotope="C11", half_life_s=1221.84,
+                tracer="[11C]AZ10419369", isotope="C11", half_life_s=C11_HALF_LIFE_S,
                 injection_time=scan_date.isoformat(), injected_activity_bq=truth.injected_activity_bq,
                 scan_start_s=0.0, subject_id=truth.subject, description=f"simulated, ses-{truth.session}",
             )

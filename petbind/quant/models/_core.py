@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import warnings
 from collections import OrderedDict
 
 import numpy as np
+
+from petbind.core.decay import mean_decay_factor
+from petbind.core.device import to_numpy
+from petbind.core.frames import validate_frame_times
 
 logger = logging.getLogger("petbind.quant.models")
 
@@ -49,29 +52,12 @@ _CONV_CACHE = OrderedDict()
 _CONV_CACHE_SIZE = 8
 
 
-# --------------------------------------------------------------------------- xp
-def array_namespace(*arrays):
-    """NumPy or CuPy, whichever the arrays belong to, without importing CuPy.
-
-    CuPy is looked up in ``sys.modules`` only when an argument already is a
-    CuPy array, so this module imports and runs where CuPy is absent.
-    """
-    for a in arrays:
-        if type(a).__module__.split(".")[0] == "cupy":
-            return sys.modules["cupy"]
-    return np
-
-
-def to_numpy(a):
-    """Host copy of a NumPy or CuPy array (no-op for NumPy)."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        return a.get()
-    return np.asarray(a)
-
-
 # ----------------------------------------------------------------- validation
-class Frames:
-    """Validated frame timing in minutes, plus the interpolation set-up.
+class KineticFrames:
+    """Frame timing of a kinetic fit in minutes, plus the interpolation set-up.
+
+    Built from frame edges in seconds, checked by
+    :func:`petbind.core.frames.validate_frame_times`.
 
     Attributes
     ----------
@@ -88,32 +74,9 @@ class Frames:
     def __init__(self, frame_start_s, frame_end_s):
         s = _as_1d_float(frame_start_s, "frame_start_s")
         e = _as_1d_float(frame_end_s, "frame_end_s")
-        if s.shape != e.shape:
-            raise ValueError(
-                f"frame_start_s and frame_end_s must have the same length; got {s.size} and {e.size}"
-            )
+        s, e = validate_frame_times(s, e, "frame_start_s/frame_end_s")
         if s.size < 3:
             raise ValueError(f"frame_start_s: need at least 3 frames for a kinetic fit; got {s.size}")
-        if np.any(s < 0):
-            raise ValueError(
-                f"frame_start_s: times are seconds from injection and must be >= 0; "
-                f"first negative value {s[s < 0][0]!r} at frame {int(np.argmax(s < 0))}"
-            )
-        bad = np.nonzero(e <= s)[0]
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"frame_end_s must be > frame_start_s for every frame; frame {i} has "
-                f"start {s[i]!r} s, end {e[i]!r} s"
-            )
-        # A tolerance of 1 ms absorbs rounding of times stored as text.
-        overlap = np.nonzero(s[1:] < e[:-1] - 1e-3)[0]
-        if overlap.size:
-            i = int(overlap[0])
-            raise ValueError(
-                "frames must be sorted by time and must not overlap; frame "
-                f"{i + 1} starts at {s[i + 1]!r} s before frame {i} ends at {e[i]!r} s"
-            )
         self.n = s.size
         self.start_min = s / 60.0
         self.end_min = np.maximum(e / 60.0, self.start_min)
@@ -162,10 +125,11 @@ def validate_reference(reference_tac, frames):
 
 # --------------------------------------------------------------------- weights
 def frame_decay_factor(frames, half_life_min):
-    """Frame-mean decay factor ``d_i = (exp(-l s_i) - exp(-l e_i)) / (l dt_i)``,
-    ``l = ln 2 / T_half``: decay-uncorrected activity = ``d_i`` x corrected."""
-    lam = math.log(2.0) / half_life_min
-    return -(np.expm1(-lam * frames.dur_min)) * np.exp(-lam * frames.start_min) / (lam * frames.dur_min)
+    """Frame-mean decay factor ``d_i``: decay-uncorrected activity = ``d_i`` x corrected.
+
+    See :func:`petbind.core.decay.mean_decay_factor`; here in minutes.
+    """
+    return mean_decay_factor(frames.start_min, frames.end_min, math.log(2.0) / half_life_min)
 
 
 def make_weights(weights, frames, reference_tac, half_life_min=None):
@@ -179,7 +143,7 @@ def make_weights(weights, frames, reference_tac, half_life_min=None):
         decay-corrected reference TAC and ``d_i`` the frame-mean decay factor
         (:func:`frame_decay_factor`); see Notes.  An array is taken as
         relative weights (1/variance) and must be finite, >= 0, not all 0.
-    frames : Frames
+    frames : KineticFrames
     reference_tac : ndarray (n_frames,)
         Decay-corrected reference TAC in Bq/mL.
     half_life_min : float, optional
@@ -291,7 +255,7 @@ def conv_matrices(frames, b_per_min):
 
     Parameters
     ----------
-    frames : Frames
+    frames : KineticFrames
     b_per_min : ndarray (n_b,)
         Decay rates in 1/min, >= 0 (``b = 0`` gives the running integral).
 
@@ -344,7 +308,7 @@ def conv_per_target(frames, c_frames, b_per_min, xp):
 
     Parameters
     ----------
-    frames : Frames
+    frames : KineticFrames
     c_frames : ndarray (n_frames,) on host
     b_per_min : xp array (n_targets,)
 

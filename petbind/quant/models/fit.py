@@ -7,15 +7,15 @@ import logging
 
 import numpy as np
 
+from petbind.core.device import to_numpy
 from petbind.quant.models import _batch
 from petbind.quant.models._core import (
     STATUS_BOUND_HIT,
     STATUS_NAMES,
     STATUS_OK,
-    Frames,
+    KineticFrames,
     conv_per_target,
     make_weights,
-    to_numpy,
     validate_reference,
     warn_status,
 )
@@ -392,7 +392,7 @@ def fit_model(
     """
     _check_model(model)
     _check_options(model, options)
-    frames = Frames(frame_start_s, frame_end_s)
+    frames = KineticFrames(frame_start_s, frame_end_s)
     ref = validate_reference(reference_tac, frames)
     Y = _as_targets(target_tacs, frames.n)
     w = make_weights(weights, frames, ref, half_life_min)

@@ -9,13 +9,12 @@ import os
 
 import numpy as np
 
+from petbind.core.device import array_module, to_numpy
 from petbind.quant.models._core import (
     STATUS_MASKED,
     STATUS_NAMES,
-    Frames,
-    array_namespace,
+    KineticFrames,
     make_weights,
-    to_numpy,
     validate_reference,
     warn_status,
 )
@@ -150,7 +149,7 @@ class ParametricMaps:
 
 def _resolve_xp(xp, image_4d):
     if xp is None:
-        return array_namespace(image_4d)
+        return array_module(image_4d)
     if isinstance(xp, str):
         if xp not in ("numpy", "cupy"):
             raise ValueError(f"xp: expected None, 'numpy', 'cupy' or the module; got {xp!r}")
@@ -235,7 +234,7 @@ def parametric_maps(
     _check_model(model)
     _check_options(model, options, _MAP_OPTIONS)
     xp = _resolve_xp(xp, image_4d)
-    frames = Frames(frame_start_s, frame_end_s)
+    frames = KineticFrames(frame_start_s, frame_end_s)
     ref = validate_reference(reference_tac, frames)
     if getattr(image_4d, "ndim", None) != 4:
         raise ValueError(

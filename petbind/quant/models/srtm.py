@@ -11,7 +11,7 @@ from petbind.quant.models._core import (
     STATUS_FIT_FAILED,
     STATUS_NONFINITE_INPUT,
     STATUS_OK,
-    Frames,
+    KineticFrames,
     conv_matrices,
     validate_reference,
 )
@@ -82,7 +82,7 @@ def srtm_forward(frame_start_s, frame_end_s, reference_tac, r1, k2_per_min, bp_n
     >>> srtm_forward(t, t + 300, ref, 1.0, 0.3, 1.5).shape
     (12,)
     """
-    frames = Frames(frame_start_s, frame_end_s)
+    frames = KineticFrames(frame_start_s, frame_end_s)
     ref = validate_reference(reference_tac, frames)
     if not bp_nd > -1:
         raise ValueError(f"bp_nd: expected > -1 (k2a = k2/(1+BP_ND) must be positive); got {bp_nd!r}")

@@ -28,13 +28,13 @@ import datetime as _dt
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import h5py
 import numpy as np
 
+from petbind.core.files import atomic_output
 from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "SinogramData",
     "write_sinograms_h5",
     "read_sinograms_h5",
-    "atomic_output",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,56 +63,6 @@ _TOF_SINOGRAMS = ("prompts", "delayeds", "scatter")
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-class atomic_output:
-    """Context manager giving a temporary path next to ``path``; renamed on success.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Final destination.
-
-    Notes
-    -----
-    The temporary file lives in the same folder (so :func:`os.replace` is an
-    atomic rename on one file system) and is removed when the ``with`` block
-    raises.  It keeps the final extension (``.nii.gz``, ``.npy``, ...) so that
-    libraries which choose a format from the name write the right one, and
-    gets the usual permissions (``0o666`` less the umask) when committed.
-    """
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"{self.path}: output folder {folder!r} does not exist")
-        name = os.path.basename(self.path)
-        ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-        fd, self.tmp_path = tempfile.mkstemp(dir=folder, prefix="." + name + ".", suffix=".tmp" + ext)
-        os.close(fd)
-
-    def __enter__(self):
-        return self.tmp_path
-
-    def commit(self):
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp_path, 0o666 & ~umask)
-        os.replace(self.tmp_path, self.path)
-
-    def discard(self):
-        try:
-            os.remove(self.tmp_path)
-        except FileNotFoundError:
-            pass
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-        return False
-
-
 def _err(path, fld, msg):
     return ValueError(f"{path}: field '{fld}' {msg}")
 

@@ -36,7 +36,7 @@ import re
 import numpy as np
 
 from petbind.recon.geometry import Scanner, SinogramLayout
-from petbind.recon.rawdata.hdf5 import atomic_output
+from petbind.core.files import atomic_output
 
 __all__ = [
     "read_interfile_header",

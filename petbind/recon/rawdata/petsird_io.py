@@ -60,24 +60,18 @@ from typing import Iterator
 
 import numpy as np
 
+from petbind.core.decay import HALF_LIFE_S
+
 from petbind.recon.geometry import SPEED_OF_LIGHT_MM_PER_PS, Scanner, TOFParameters
-from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, atomic_output, validate_events
+from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, validate_events
+from petbind.core.files import atomic_output
 
 __all__ = ["PetsirdReader", "write_petsird", "scanner_to_petsird", "petsird_to_scanner", "ISOTOPE_HALF_LIFE_S"]
 
 log = logging.getLogger(__name__)
 
-#: Half-lives (s) of common PET radionuclides (NUDAT / DDEP values).
-ISOTOPE_HALF_LIFE_S = {
-    "C11": 1221.84,
-    "F18": 6586.2,
-    "O15": 122.24,
-    "N13": 597.9,
-    "Ga68": 4062.6,
-    "Rb82": 76.38,
-    "Cu64": 45720.0,
-    "Zr89": 282276.0,
-}
+#: Half-lives (s) by radionuclide name (one table, in petbind.core.decay).
+ISOTOPE_HALF_LIFE_S = HALF_LIFE_S
 
 
 def _petsird():
@@ -640,7 +634,7 @@ def write_petsird(path, scanner, chunks, tof=None, exam=None, corrections=None, 
         return out
 
     with atomic_output(path) as tmp:
-        writer = petsird.BinaryPETSIRDWriter(tmp)
+        writer = petsird.BinaryPETSIRDWriter(str(tmp))
         try:
             writer.write_header(header)
             pending = None  # events of the last (maybe incomplete) block of the previous chunk
