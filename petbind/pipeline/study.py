@@ -704,7 +704,7 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
             bar.update()
             continue
         d = decay_integral(scan_start + fs, scan_start + fe, decay_constant_per_s(half_life)) * live[k]
-        h = histogram_listmode(reader, layout, frames=Frames([frames._starts[k]], [frames._ends[k] - frames._starts[k]]), tof=tof if tof is not None else False,
+        h = histogram_listmode(reader, layout, frames=frames.frame(k), tof=tof if tof is not None else False,
                                device="gpu" if device == "gpu" else "cpu", progress=False)
         prompts = h.prompts[0]
         delayeds = h.delayeds[0].sum(axis=-1) if tof is not None else h.delayeds[0]
@@ -715,10 +715,10 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
         if tof is not None:
             # randoms and scatter spread evenly over TOF bins
             additive = np.repeat(additive[..., None] / tof.num_bins, tof.num_bins, axis=-1)
-        for model, views in zip(rec.models, rec.subsets):
-            model.additive = xp.asarray(additive[:, views] / d, dtype=xp.float32)
+        rec.set_additive(additive / np.float32(d))
         if fwd_ones is None:
-            fwd_ones = float(sum(float(xp.sum(mdl.forward(xp.ones(grid.shape, dtype=xp.float32)))) for mdl in rec.models))
+            # sum of A·1 over all bins = <1, A^T 1> = total sensitivity
+            fwd_ones = float(sum(float(xp.sum(s, dtype=xp.float64)) for s in rec.sensitivities()))
         net = float(np.sum(prompts, dtype=np.float64) - np.sum(additive, dtype=np.float64)) / d
         # Uniform start at the level that reproduces the net counts: from a flat 1 Bq/mL start the
         # multiplicative updates grow the image by only ~y/a per subset while A x << a, and a few

@@ -166,14 +166,47 @@ class SinogramOSEM:
         self.xp = self.models[0].projector.xp
         self._sens = None
 
+    def set_additive(self, additive):
+        """Replace the additive term ``a`` (randoms + scatter, counts per bin).
+
+        One OSEM object serves every frame of a dynamic scan (the projectors,
+        the multiplicative factors and the sensitivities do not change between
+        frames); only the background does.
+
+        Parameters
+        ----------
+        additive : ndarray or None
+            Shape of the data (``layout.shape`` [+ TOF bins]); ``None``
+            removes the additive term.
+        """
+        if additive is not None and tuple(additive.shape) != self.data_shape:
+            raise ValueError(f"additive term must have the data shape {self.data_shape}; got {tuple(additive.shape)}")
+        for model, views in zip(self.models, self.subsets):
+            xp = model.projector.xp
+            model.additive = None if additive is None else xp.asarray(additive[:, views], dtype=xp.float32)
+
     def sensitivities(self):
         """``A_k^T 1`` per subset (cached)."""
         if self._sens is None:
             self._sens = [m.sensitivity(xp=self.xp) for m in self.models]
         return self._sens
 
-    def reconstruct(self, prompts, num_iterations, x0=None, progress=True, callback=None):
+    def reconstruct(self, prompts, num_iterations, x0=None, progress=True, callback=None, additive=None):
         """Reconstruct measured prompts (shape ``layout.shape`` [+ TOF]).
+
+        Parameters
+        ----------
+        prompts : ndarray
+            Measured counts per bin (NumPy or CuPy).
+        num_iterations : int
+        x0 : ndarray, optional
+            Start image (default: ones).
+        progress : bool
+        callback : callable, optional
+            ``callback(iteration, x)`` after each iteration.
+        additive : ndarray, optional
+            This frame's additive term (see :meth:`set_additive`); when
+            omitted, the term set last (or at construction) is used.
 
         Returns
         -------
@@ -183,6 +216,8 @@ class SinogramOSEM:
         if tuple(prompts.shape) != self.data_shape:
             raise ValueError(f"prompts must have shape {self.data_shape}; got {tuple(prompts.shape)}")
         _check_counts("prompts", prompts)
+        if additive is not None:
+            self.set_additive(additive)
         xp = self.xp
         data = [xp.asarray(prompts[:, v], dtype=xp.float32) for v in self.subsets]
         x = osem(data, self.models, num_iterations, x0=x0, sensitivities=self.sensitivities(),
