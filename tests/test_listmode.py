@@ -7,17 +7,22 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
-from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, ListmodeReader, ListmodeWriter
+from petbind.core.decay import decay_correction_factor
 from petbind.core.frames import Frames, parse_frames
-from petbind.recon.listmode import (
+from petbind.recon.corrections import (
     dead_time_factors,
     frame_dead_time_factor,
     frame_singles_rate_cps,
-    histogram_listmode,
-    select_frame,
 )
-from petbind.core.decay import decay_correction_factor
+from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
+from petbind.recon.listmode import histogram_listmode, select_frame
+from petbind.recon.rawdata.hdf5 import (
+    ExamInfo,
+    ListmodeChunk,
+    ListmodeCorrections,
+    ListmodeReader,
+    ListmodeWriter,
+)
 
 LAYOUTS = [(15, None, 1), (7, 2, 1), (9, None, 3), (1, 0, 1), (8, 3, 3)]
 

@@ -11,7 +11,6 @@ the reconstructed Bq/mL; the BP_ND oracle is ``ground_truth.tsv``.
 import csv
 import json
 import logging
-import math
 from pathlib import Path
 
 import nibabel as nib

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from petbind.core.decay import decay_integral
+from petbind.recon.corrections import randoms_from_singles
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.projector import SinogramProjector
 from petbind.sim.acquisition import (
@@ -12,8 +14,6 @@ from petbind.sim.acquisition import (
     random_crystal_efficiencies,
     sample_decay_times,
 )
-from petbind.core.decay import decay_integral
-from petbind.recon.system import randoms_from_singles
 
 HALF_LIFE_S = 1221.84
 

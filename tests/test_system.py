@@ -1,15 +1,14 @@
 import numpy as np
 import pytest
 
-from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout
-from petbind.recon.operators import LinearOperator
-from petbind.recon.system import (
-    GaussianFilter,
-    SystemModel,
+from petbind.recon.corrections import (
     attenuation_factors,
     normalisation_factors,
     randoms_from_singles,
 )
+from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout
+from petbind.recon.operators import LinearOperator
+from petbind.recon.system import GaussianFilter, SystemModel
 
 
 class DenseProjector(LinearOperator):

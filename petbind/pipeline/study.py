@@ -89,19 +89,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from petbind.core.decay import decay_constant_per_s, decay_integral  # noqa: E402
+from petbind.core.decay import decay_constant_per_s, decay_integral
 from petbind.core.files import atomic_output
+from petbind.recon.corrections import (  # noqa: E402
+    SCATTER_FWHM_MM,
+    estimate_randoms,
+    estimate_scatter,
+    point_source_kappa,
+    radial_bin_mm,
+)
 
 log = logging.getLogger("petbind.study")
 
 MODEL_CHOICES = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-#: Default Gaussian blur width (mm, FWHM) of the convolution scatter model:
-#: about the width of a head, the scale of single-scatter distributions in
-#: brain sinograms.  The tails alone do not fix it (see estimate_scatter).
-SCATTER_FWHM_MM = 150.0
-#: LORs with an attenuation survival above this miss the object: scatter tails.
-TAIL_ATTENUATION_MIN = 0.995
 #: Atlas regions not fitted by default: outside the brain, or fluid without receptors.
 DEFAULT_EXCLUDED_REGIONS = ("scalp", "skull", "csf", "ventricles")
 #: Bump when the reconstruction changes (cached frames and finished 4-D images are reused only with the same key).
@@ -114,8 +115,6 @@ __all__ = [
     "find_sessions",
     "read_session_frames",
     "calibration_kappa",
-    "estimate_randoms",
-    "estimate_scatter",
     "reconstruct_session",
     "run_pipeline",
     "build_parser",
@@ -416,15 +415,6 @@ def _layout_for(reader, options):
     return layout
 
 
-def _radial_bin_mm(layout):
-    """Mean spacing (mm) of the radial bins (distance of the LOR to the axis, view 0)."""
-    start, end = layout.lor_endpoints_mm(np.array([0]))
-    s, e = start[0, 0, :, :2], end[0, 0, :, :2]
-    d = e - s
-    dist = (d[:, 0] * s[:, 1] - d[:, 1] * s[:, 0]) / np.hypot(d[:, 0], d[:, 1])
-    return float(np.median(np.abs(np.diff(dist)))) if layout.num_radial > 1 else 1.0
-
-
 def check_field_of_view(atlas, grid, layout, path, regions=None):
     """Refuse atlas regions that the sinogram layout does not see.
 
@@ -438,7 +428,7 @@ def check_field_of_view(atlas, grid, layout, path, regions=None):
     StudyInputError
     """
     scanner = layout.scanner
-    r_fov = (layout.num_radial // 2) * _radial_bin_mm(layout)
+    r_fov = (layout.num_radial // 2) * radial_bin_mm(layout)
     pitch = float(np.diff(scanner.ring_z_mm).mean()) if scanner.num_rings > 1 else 0.0
     z_lo, z_hi = scanner.ring_z_mm.min() - 0.5 * pitch, scanner.ring_z_mm.max() + 0.5 * pitch
     idx = np.argwhere(atlas.labels > 0)
@@ -486,17 +476,15 @@ def calibration_kappa(layout, grid, corrections, sensitivity_cps_per_kbq=None, d
         How κ was obtained (for the JSON sidecar).
     """
     if sensitivity_cps_per_kbq is not None:
+        from petbind.core.device import to_numpy
         from petbind.recon.projector import SinogramProjector
 
-        centre = tuple(int(round(c)) for c in (-grid.origin_mm / grid.voxel_size_mm))
-        centre = tuple(min(max(c, 0), s - 1) for c, s in zip(centre, grid.shape))
-        point = np.zeros(grid.shape, dtype=np.float32)
-        point[centre] = 1.0
-        total = float(np.sum(np.asarray(SinogramProjector(layout, grid, device=device).forward(point)), dtype=np.float64))
-        if total <= 0:
-            raise StudyInputError(f"{path}: no LOR of the layout passes through the centre of the atlas grid")
-        voxel_ml = float(np.prod(grid.voxel_size_mm)) / 1000.0
-        kappa = float(sensitivity_cps_per_kbq) * voxel_ml / (1000.0 * total)
+        proj = SinogramProjector(layout, grid, device=device)
+        try:
+            kappa = point_source_kappa(sensitivity_cps_per_kbq, grid,
+                                       lambda img: np.sum(to_numpy(proj.forward(img)), dtype=np.float64))
+        except ValueError:
+            raise StudyInputError(f"{path}: no LOR of the layout passes through the centre of the atlas grid") from None
         return kappa, f"point-source sensitivity {sensitivity_cps_per_kbq:g} cps/kBq (--sensitivity-cps-per-kbq)"
     cal = float(corrections.calibration_factor)
     if cal == 1.0:
@@ -505,99 +493,6 @@ def calibration_kappa(layout, grid, corrections, sensitivity_cps_per_kbq=None, d
             "Pass --sensitivity-cps-per-kbq for simulated data written without a calibration.", path,
         )
     return 1.0 / cal, f"1 / corrections/calibration_factor ({cal:g})"
-
-
-def estimate_randoms(layout, delayeds, singles_rate_cps=None):
-    """Expected randoms of one frame (non-TOF sinogram).
-
-    Parameters
-    ----------
-    layout : SinogramLayout
-    delayeds : ndarray, shape layout.shape
-        Delayed-window counts of the frame (in the layout).
-    singles_rate_cps : ndarray, shape (num_detectors,), optional
-        Mean singles rate of each detector in the frame.
-
-    Returns
-    -------
-    randoms : ndarray of float32, shape layout.shape
-    method : str
-
-    Notes
-    -----
-    With singles: ``r_ij = N_d · R_ij / Σ R`` with ``R = 2τ S_i S_j``
-    (:func:`petbind.recon.system.randoms_from_singles`, shape only) and ``N_d`` the
-    delayed counts of the frame: the delayed total is unbiased, the singles
-    product is noise free.  Without singles: the delayeds themselves.
-    """
-    from petbind.recon.system import randoms_from_singles
-
-    n_d = float(np.sum(delayeds, dtype=np.float64))
-    if singles_rate_cps is not None and np.any(singles_rate_cps > 0):
-        shape = randoms_from_singles(layout, singles_rate_cps, 1.0, 1.0)
-        tot = float(shape.sum())
-        if tot > 0:
-            return (shape * (n_d / tot)).astype(np.float32), "singles shape scaled to the delayed counts"
-    return np.asarray(delayeds, dtype=np.float32), "delayeds (no singles in the file)"
-
-
-def _blur_planes(sino, sigma_views, sigma_radial):
-    """Gaussian blur of each plane over (view, radial): periodic in views, zero outside the radial range."""
-    from scipy import ndimage
-
-    out = ndimage.gaussian_filter1d(sino, sigma_views, axis=1, mode="wrap", truncate=3.0)
-    return ndimage.gaussian_filter1d(out, sigma_radial, axis=2, mode="constant", truncate=3.0)
-
-
-def estimate_scatter(layout, prompts, randoms, normalisation, attenuation, fwhm_mm=SCATTER_FWHM_MM):
-    """Tail-fitted convolution scatter estimate of one frame (non-TOF).
-
-    Parameters
-    ----------
-    layout : SinogramLayout
-    prompts, randoms : ndarray, shape layout.shape
-        Prompt counts and expected randoms.
-    normalisation, attenuation : ndarray, shape layout.shape
-        ``n`` and ``a`` of the system model.
-    fwhm_mm : float
-        Width (FWHM, mm) of the Gaussian blur over (view, radial).
-
-    Returns
-    -------
-    scatter : ndarray of float32, shape layout.shape
-    info : dict
-        ``fwhm_mm``, ``scale``, ``tail_bins``, ``scatter_fraction`` (of net prompts).
-
-    Notes
-    -----
-    Shape ``h = n ⊙ blur(max(y - r, 0) / n)``; amplitude
-    ``c = Σ_T (y - r) / Σ_T h`` over the tail bins ``T = {a > 0.995, n > 0}``
-    (the moment estimate: expected tail counts equal measured ones).  The
-    view blur is converted to views at a 100 mm radius (a head).  With no
-    tail bins or no net counts the estimate is zero (and says so in
-    ``info``).  The width is not fitted: in a head the tails are a thin band
-    holding a few per cent of the scatter, and on simulated data the tail
-    deviance preferred a 50 mm kernel that doubled the scatter inside the
-    head, so a fixed, documented width is the more robust choice.
-    """
-    valid = normalisation > 0
-    net = prompts.astype(np.float64) - randoms
-    e = np.where(valid, np.maximum(net, 0.0) / np.where(valid, normalisation, 1.0), 0.0)
-    tails = valid & (attenuation > TAIL_ATTENUATION_MIN)
-    info = {"method": "tail-fitted Gaussian convolution of normalised net prompts", "tail_bins": int(tails.sum())}
-    if not tails.any() or not np.any(e > 0):
-        info.update(fwhm_mm=None, scale=0.0, scatter_fraction=0.0)
-        return np.zeros(layout.shape, np.float32), info
-    bin_mm = _radial_bin_mm(layout)
-    view_mm = 100.0 * math.pi / layout.num_views
-    sig = float(fwhm_mm) / 2.3548
-    h = normalisation * _blur_planes(e, sig / view_mm, sig / bin_mm)
-    denom = float(h[tails].sum())
-    c = max(float(net[tails].sum()) / denom, 0.0) if denom > 0 else 0.0
-    scatter = (c * h).astype(np.float32)
-    tot_net = float(np.maximum(net, 0).sum())
-    info.update(fwhm_mm=float(fwhm_mm), scale=c, scatter_fraction=float(scatter.sum()) / tot_net if tot_net > 0 else 0.0)
-    return scatter, info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,13 +525,16 @@ def reconstruct_session(session, out_path, options, atlas=None, regions=None, pr
         scanner does not cover.
     """
     from petbind.core.device import to_numpy
-    from petbind.core.frames import Frames
     from petbind.quant.io import save_nifti
-    from petbind.recon.listmode import frame_singles_rate_cps, histogram_listmode
+    from petbind.recon.corrections import (
+        attenuation_factors,
+        frame_singles_rate_cps,
+        normalisation_factors,
+    )
+    from petbind.recon.listmode import histogram_listmode
     from petbind.recon.osem import SinogramOSEM
     from petbind.recon.projector import SinogramProjector
     from petbind.recon.rawdata.hdf5 import ListmodeReader
-    from petbind.recon.system import attenuation_factors, normalisation_factors
 
     frames, in_sidecar = read_session_frames(session, options.frames)
     atlas = _load_atlas(session) if atlas is None else atlas

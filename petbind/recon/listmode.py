@@ -15,13 +15,11 @@ and binned with CuPy's ``bincount``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from petbind.core.decay import decay_correction_factor  # noqa: F401  (part of this module's API)
 from petbind.core.device import array_module, get_cupy, resolve_device, to_numpy
 from petbind.core.frames import Frames, exact_seconds, parse_frames
 from petbind.recon.geometry import SinogramLayout
@@ -33,16 +31,10 @@ __all__ = [
     "Histogram",
     "histogram_events",
     "histogram_listmode",
-    "decay_correction_factor",
-    "dead_time_factors",
-    "frame_singles_rate_cps",
-    "frame_dead_time_factor",
-    "DEAD_TIME_MODELS",
 ]
 
 log = logging.getLogger(__name__)
 
-DEAD_TIME_MODELS = ("non-paralyzable", "paralyzable")
 
 def select_frame(chunk, start_s, end_s):
     """Boolean mask of a chunk's events inside ``[start_s, end_s)``.
@@ -261,111 +253,3 @@ def histogram_listmode(reader, layout, frames=None, tof=True, device="cpu", prog
 # ------------------------------------------------------------------------------------------------
 # decay, singles and dead time
 # ------------------------------------------------------------------------------------------------
-def dead_time_factors(singles_rate_cps, tau_s, model="non-paralyzable"):
-    """Per-detector dead-time correction factor (true / measured rate).
-
-    Parameters
-    ----------
-    singles_rate_cps : array of float
-        Measured singles rate ``m`` per detector (counts/s).
-    tau_s : float
-        Dead time per event (s).
-    model : {"non-paralyzable", "paralyzable"}
-
-    Returns
-    -------
-    ndarray
-        ``n / m`` with ``n`` the true rate (1 where ``m == 0``).
-
-    Notes
-    -----
-    Non-paralyzable: ``m = n / (1 + n τ)`` so ``n / m = 1 / (1 - m τ)``
-    (needs ``m τ < 1``).  Paralyzable: ``m = n exp(-n τ)`` so
-    ``n = -W0(-m τ) / τ`` with the principal branch of the Lambert W function
-    (the low-rate solution; needs ``m τ <= 1/e``).
-
-    References
-    ----------
-    G. F. Knoll, Radiation Detection and Measurement, 4th ed., Wiley 2010, ch. 4.VII.
-    """
-    if model not in DEAD_TIME_MODELS:
-        raise ValueError(f"model must be one of {DEAD_TIME_MODELS}; got {model!r}")
-    if not tau_s >= 0:
-        raise ValueError(f"tau_s must be >= 0; got {tau_s}")
-    m = np.asarray(singles_rate_cps, dtype=float)
-    if np.any(m < 0) or not np.all(np.isfinite(m)):
-        raise ValueError("singles_rate_cps must be finite and >= 0")
-    x = m * float(tau_s)
-    if model == "non-paralyzable":
-        if np.any(x >= 1):
-            raise ValueError(f"non-paralyzable model needs rate * tau < 1; max is {x.max():.3g}")
-        return 1.0 / (1.0 - x)
-    from scipy.special import lambertw  # noqa: PLC0415
-
-    if np.any(x > 1 / math.e):
-        raise ValueError(f"paralyzable model needs rate * tau <= 1/e; max is {x.max():.3g}")
-    out = np.ones_like(x)
-    pos = x > 0
-    out[pos] = -np.real(lambertw(-x[pos], 0)) / x[pos]
-    return out
-
-
-def frame_singles_rate_cps(corrections, frames):
-    """Mean singles rate of every detector in every frame.
-
-    Parameters
-    ----------
-    corrections : ListmodeCorrections
-        With ``singles_block_edges_s`` and ``singles_counts``.
-    frames : Frames or str
-
-    Returns
-    -------
-    ndarray, shape (num_frames, num_detectors), counts/s
-        ``Σ_b counts_b |b ∩ f| / |b| / |f|``: each block's counts are spread
-        uniformly over the block and the part overlapping the frame is kept.
-
-    Raises
-    ------
-    ValueError
-        When the singles blocks do not cover a frame.
-    """
-    frames = parse_frames(frames)
-    if corrections is None or corrections.singles_counts is None:
-        raise ValueError("corrections have no singles (singles_block_edges_s / singles_counts)")
-    edges = np.asarray(corrections.singles_block_edges_s, dtype=float)
-    counts = np.asarray(corrections.singles_counts, dtype=float)
-    if frames.start_s[0] < edges[0] or frames.end_s[-1] > edges[-1]:
-        raise ValueError(
-            f"singles blocks cover [{edges[0]}, {edges[-1]}] s but the frames span "
-            f"[{frames.start_s[0]}, {frames.end_s[-1]}] s"
-        )
-    lo = np.maximum(edges[None, :-1], frames.start_s[:, None])
-    hi = np.minimum(edges[None, 1:], frames.end_s[:, None])
-    weight = np.clip(hi - lo, 0, None) / np.diff(edges)[None, :]  # (F, B)
-    return weight @ counts / frames.duration_s[:, None]
-
-
-def frame_dead_time_factor(singles_rate_cps, tau_s, model="non-paralyzable"):
-    """Coincidence dead-time factor of each frame from per-detector singles rates.
-
-    Parameters
-    ----------
-    singles_rate_cps : ndarray, shape (num_frames, num_detectors)
-        From :func:`frame_singles_rate_cps`.
-    tau_s : float
-        Dead time per single event (s).
-    model : {"non-paralyzable", "paralyzable"}
-
-    Returns
-    -------
-    ndarray, shape (num_frames,)
-        ``mean_i(f_i)²`` where ``f_i`` is :func:`dead_time_factors` of
-        detector ``i``: a coincidence needs both detectors alive, taken as
-        independent, so LOR ``(i, j)`` has factor ``f_i f_j``; the square of
-        the mean is exactly the mean of ``f_i f_j`` over all ordered detector
-        pairs (a frame-global factor; per-LOR factors are ``outer(f, f)``).
-    """
-    f = dead_time_factors(singles_rate_cps, tau_s, model)
-    f = np.atleast_2d(f)
-    return f.mean(axis=1) ** 2

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from petbind.core.device import array_module, to_numpy
-from petbind.recon.geometry import ImageGrid, SinogramLayout, TOFParameters
+from petbind.core.device import array_module
+from petbind.recon.geometry import ImageGrid, TOFParameters
 from petbind.recon.operators import Composition, Identity, LinearOperator, Multiply
 
 __all__ = [
@@ -32,9 +32,6 @@ __all__ = [
     "LORProjector",
     "LORMultiply",
     "SystemModel",
-    "attenuation_factors",
-    "normalisation_factors",
-    "randoms_from_singles",
 ]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -253,115 +250,3 @@ class SystemModel(LinearOperator):
 
     def __repr__(self):
         return f"SystemModel({self.linear!r}, additive={'yes' if self.additive is not None else 'no'})"
-
-
-def attenuation_factors(mu_map_per_mm, projector):
-    """Attenuation factors ``exp(-P μ)`` per LOR.
-
-    Parameters
-    ----------
-    mu_map_per_mm : ndarray, shape projector.in_shape
-        Linear attenuation coefficients at 511 keV (1/mm).
-    projector : LinearOperator
-        Line-integral projector (TOF projectors are summed over TOF bins,
-        which gives the non-TOF line integral).
-
-    Returns
-    -------
-    ndarray
-        Survival probabilities in (0, 1], non-TOF data shape.
-
-    Raises
-    ------
-    ValueError
-        For negative or non-finite μ values.
-    """
-    mu = mu_map_per_mm
-    xp = array_module(mu)
-    if not bool(xp.all(xp.isfinite(mu))) or float(mu.min()) < 0:
-        raise ValueError("mu_map_per_mm must be finite and non-negative (1/mm)")
-    line = projector.forward(mu)
-    if getattr(projector, "tof", None) is not None:
-        line = line.sum(axis=-1)
-    return xp.exp(-line)
-
-
-def _check_efficiencies(layout, crystal_efficiencies, name="crystal_efficiencies"):
-    eff = np.asarray(to_numpy(crystal_efficiencies), dtype=np.float64).reshape(-1)
-    n_det = layout.scanner.num_detectors
-    if eff.shape != (n_det,):
-        raise ValueError(f"{name} must have one value per detector ({n_det}); got shape {eff.shape}")
-    if np.any(~np.isfinite(eff)) or np.any(eff < 0):
-        raise ValueError(f"{name} must be finite and non-negative")
-    return eff * layout.scanner.detector_mask()
-
-
-def _pair_products(layout, values, reduce):
-    """``values[d1] * values[d2]`` per sinogram bin, reduced over the ring pairs of each plane."""
-    if not isinstance(layout, SinogramLayout):
-        raise TypeError(f"layout must be a SinogramLayout; got {type(layout).__name__}")
-    n = layout.scanner.crystals_per_ring
-    v = values.reshape(layout.scanner.num_rings, n)
-    cp = layout.crystal_pairs()
-    out = np.zeros(layout.shape, dtype=np.float64)
-    for (r1, r2), plane in zip(layout.ring_pairs, layout.plane_of_ring_pair):
-        out[plane] += v[r1][cp[..., 0]] * v[r2][cp[..., 1]]
-    if reduce == "mean":
-        out /= layout.plane_multiplicity[:, None, None]
-    return out
-
-
-def normalisation_factors(layout, crystal_efficiencies):
-    """Crystal-efficiency normalisation: ``ε_i ε_j`` per sinogram bin.
-
-    Parameters
-    ----------
-    layout : SinogramLayout
-    crystal_efficiencies : ndarray, shape (num_detectors,)
-        Relative efficiency per detector id (1 = nominal).  Gap positions
-        (``crystal_mask == False``) count as 0 whatever their value.
-
-    Returns
-    -------
-    ndarray of float32, shape layout.shape
-        Product of the two crystals' efficiencies; 0 for bins touching a gap.
-        For ``span > 1`` the mean over the plane's ring pairs (the projector
-        already multiplies by :attr:`~petbind.recon.geometry.SinogramLayout.plane_multiplicity`).
-    """
-    eff = _check_efficiencies(layout, crystal_efficiencies)
-    return _pair_products(layout, eff, "mean").astype(np.float32)
-
-
-def randoms_from_singles(layout, singles_cps, coincidence_window_ns, duration_s=1.0):
-    """Expected randoms per sinogram bin from detector singles rates.
-
-    Parameters
-    ----------
-    layout : SinogramLayout
-    singles_cps : ndarray, shape (num_detectors,)
-        Singles rate of each detector (counts/s); gaps are ignored.
-    coincidence_window_ns : float
-        Coincidence window ``2τ`` is ``coincidence_window_ns`` (the full width).
-    duration_s : float
-        Acquisition time (s) for constant rates.
-
-    Returns
-    -------
-    ndarray of float64, shape layout.shape
-        ``R_ij = 2τ S_i S_j × duration``, summed over the ring pairs of a plane.
-
-    Notes
-    -----
-    ``2τ`` is the total coincidence window width (e.g. 4.0 ns): two
-    uncorrelated singles form a random coincidence when they arrive within
-    ``±τ`` of each other.
-
-    References
-    ----------
-    Cherry SR, Sorenson JA, Phelps ME. Physics in Nuclear Medicine, 4th ed.,
-    Elsevier 2012, ch. 18 (random coincidences).
-    """
-    s = _check_efficiencies(layout, singles_cps, "singles_cps")
-    if not coincidence_window_ns > 0 or not duration_s >= 0:
-        raise ValueError(f"coincidence_window_ns must be > 0 and duration_s >= 0; got {coincidence_window_ns}, {duration_s}")
-    return _pair_products(layout, s, "sum") * (coincidence_window_ns * 1e-9 * duration_s)

@@ -51,13 +51,9 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from petbind.core.decay import C11_HALF_LIFE_S, decay_integral
+from petbind.recon.corrections import normalisation_factors, point_source_kappa
 from petbind.recon.geometry import ImageGrid, SinogramLayout, TOFParameters
-from petbind.recon.system import (
-    GaussianFilter,
-    LORProjector,
-    SystemModel,
-    normalisation_factors,
-)
+from petbind.recon.system import GaussianFilter, LORProjector, SystemModel
 
 __all__ = [
     "BasisActivity",
@@ -398,18 +394,11 @@ class ListmodeSimulator:
     def kappa(self):
         """Counts per s per (Bq/mL × mm of line integral), from ``sensitivity_cps_per_kbq``."""
         if self._kappa is None:
-            centre = tuple(int(round(c)) for c in (-self.grid.origin_mm / self.grid.voxel_size_mm))
-            centre = tuple(min(max(c, 0), s - 1) for c, s in zip(centre, self.grid.shape))
-            point = np.zeros(self.grid.shape, dtype=np.float32)
-            point[centre] = 1.0
-            total = 0.0
-            for planes in self.chunks:
-                total += float(np.sum(self._chunk_projector(planes, tof=None).forward(point), dtype=np.float64))
-            if total <= 0:
-                raise ValueError("no LOR passes through the centre of the image grid; check grid and scanner")
-            voxel_ml = float(np.prod(self.grid.voxel_size_mm)) / 1000.0
-            # Point source of A Bq: image value A / V (Bq/mL); rate κ (A/V) total = S A / 1000.
-            self._kappa = self.sensitivity_cps_per_kbq * voxel_ml / (1000.0 * total)
+            def project_total(point):
+                return sum(float(np.sum(self._chunk_projector(planes, tof=None).forward(point), dtype=np.float64))
+                           for planes in self.chunks)
+
+            self._kappa = point_source_kappa(self.sensitivity_cps_per_kbq, self.grid, project_total)
         return self._kappa
 
     # -- activity handling ----------------------------------------------------------------------
