@@ -76,6 +76,9 @@ def test_voxel_size_from_affine_and_sigma():
     # Second moment of the profile: sigma^2 = FWHM^2 / (8 ln 2).
     var = np.sum(p * (x - 30) ** 2) / np.sum(p)
     np.testing.assert_allclose(np.sqrt(var * 8 * np.log(2)), 8.0, rtol=1e-3)
+    # 4-D: each frame blurred in space only, anisotropically, as scipy does it.
+    frames = np.random.default_rng(0).random(cases.SHAPE + (2,))
+    np.testing.assert_allclose(psf.apply(frames), cases.blur_oracle(frames, (5.0, 7.0, 9.0)), rtol=1e-12)
 
 
 def test_gtm_reused_on_other_labels_is_refused():
