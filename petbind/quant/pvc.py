@@ -486,7 +486,7 @@ def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", prog
         sums = xp.bincount(sub.reshape(-1), weights=blurred.reshape(-1), minlength=n + 1)[:n]
         matrix[:, j] = sums / counts_x
     ok = counts > 0
-    matrix[xp.asarray(~ok)] = xp.nan
+    matrix[xp.asarray(np.flatnonzero(~ok))] = xp.nan
     block = to_numpy(matrix)[np.ix_(ok, ok)]
     cond = float(np.linalg.cond(block)) if block.size else math.nan
     empty = [row_names[i] for i in np.flatnonzero(~ok)]
@@ -500,12 +500,12 @@ def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", prog
 
 def _solve(gtm: GTM, observed, xp):
     """Corrected values (n, t) from observed means, NaN rows for empty regions."""
-    ok = gtm.ok
+    rows = np.flatnonzero(gtm.ok)
     values = xp.full(observed.shape, xp.nan, dtype=xp.float64)
-    if ok.any():
-        okx = xp.asarray(ok)
-        m = _on(xp, gtm.matrix)[okx][:, okx]
-        values[okx] = xp.linalg.solve(m, observed[okx])
+    if rows.size:
+        r = xp.asarray(rows)
+        m = _on(xp, gtm.matrix)[r[:, None], r[None, :]]
+        values[r] = xp.linalg.solve(m, observed[r])
     return values
 
 
@@ -572,8 +572,11 @@ def gtm_correct(image, labels, gtm: GTM) -> GTMResult:
     [1.0, 4.0]
     """
     xp, idx = _prepare(image, labels, gtm)
-    n = len(gtm.region_names)
-    sums, counts = _sums(image, idx.reshape(-1), n, xp)
+    return _gtm_values(image, idx, gtm, xp)
+
+
+def _gtm_values(image, idx, gtm, xp):
+    sums, counts = _sums(image, idx.reshape(-1), len(gtm.region_names), xp)
     with np.errstate(invalid="ignore", divide="ignore"):
         observed = sums / xp.where(counts == 0, xp.nan, counts)[:, None]
     return GTMResult(_solve(gtm, observed, xp), observed, list(gtm.region_names), gtm.status.copy(), gtm)
@@ -581,7 +584,7 @@ def gtm_correct(image, labels, gtm: GTM) -> GTMResult:
 
 def _synthetic_ratio(values_f, idx, gtm, nd, xp):
     """``S / (h * S)`` for one frame's regional values (0 where S = h*S = 0)."""
-    table = xp.concatenate([xp.nan_to_num(values_f, nan=0.0), xp.zeros(1, dtype=xp.float64)])
+    table = xp.concatenate([xp.where(xp.isnan(values_f), 0.0, values_f), xp.zeros(1, dtype=xp.float64)])
     synthetic = table[idx]  # unmodelled background (index n) -> 0
     blurred = gtm.psf._blur3(nd, synthetic)
     zero = blurred == 0
@@ -633,8 +636,8 @@ def rbv_correct(image, labels, gtm: GTM, progress: bool = False, return_gtm: boo
     For an image that is exactly :math:`h \\ast S` the correction returns
     :math:`S`.  Empty regions have no voxels and do not enter :math:`S`.
     """
-    res = gtm_correct(image, labels, gtm)
     xp, idx = _prepare(image, labels, gtm)
+    res = _gtm_values(image, idx, gtm, xp)
     out = _apply_ratio(image, res.values, idx, gtm, xp, progress, "RBV")
     return (out, res) if return_gtm else out
 
