@@ -220,3 +220,87 @@ def test_gpu_equals_cpu_on_noisy_image(cp):
     np.testing.assert_allclose(gtm_correct(cp.asarray(image), lab, gg).values.get(),
                                gtm_correct(image, lab, g).values, rtol=1e-10)
     np.testing.assert_allclose(rbv_correct(cp.asarray(image), lab, g).get(), rbv_correct(image, lab, g), rtol=1e-10)
+
+
+# ------------------------------------------------------------------ command line
+def _write_phantom_study(tmp_path):
+    """Blurred phantom on the quant test frames, SRTM TACs per region, files on disk."""
+    from tests.quant_helpers import FRAME_START_S, srtm_tacs, write_atlas, write_pet
+
+    lab = cases.phantom_labels()
+    ref, tg = srtm_tacs([1.0, 2.0, 1.5, 0.8], r1=1.0, k2_per_min=0.25)
+    # rows: cortex, striatum, thalamus, raphe, cerebellum (reference), background
+    truth = np.vstack([tg.T, ref, 0.4 * ref])
+    assert truth.shape == (6, FRAME_START_S.size)
+    image = cases.blur_oracle(cases.piecewise_image(lab, truth), (5.0, 7.0, 9.0))
+    atlas, labels_tsv = write_atlas(tmp_path, labels=lab, names=cases.NAMES, affine=cases.AFFINE)
+    pet = write_pet(tmp_path, image, affine=cases.AFFINE)
+    return pet, atlas, labels_tsv, truth, lab
+
+
+def test_cli_tacs_pvc_gtm(tmp_path):
+    from petbind.quant.cli import main
+    from petbind.quant.io import read_json, read_tacs_tsv
+
+    pet, atlas, labels_tsv, truth, _lab = _write_phantom_study(tmp_path)
+    base = ["tacs", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "pvc_tacs.tsv"), "--pvc", "gtm", "--psf-fwhm-mm", "5", "7", "9"]) == 0
+    t = read_tacs_tsv(tmp_path / "pvc_tacs.tsv")
+    # float32 image on disk: observed means carry ~1e-7 relative rounding, times cond(GTM) < 10.
+    np.testing.assert_allclose(t.values, truth[:5].T, rtol=1e-5)
+    side = read_json(tmp_path / "pvc_tacs.json")["PartialVolumeCorrection"]
+    assert side["Method"] == "gtm" and side["FWHM_mm"] == [5.0, 7.0, 9.0]
+    assert main(base + ["--out", str(tmp_path / "plain_tacs.tsv")]) == 0
+    assert main(base + ["--out", str(tmp_path / "ref_tacs.tsv"), "--pvc", "rbv", "--psf-fwhm-mm", "5", "7", "9",
+                        "--pvc-uncorrected", "cerebellum"]) == 0
+    plain, mixed = read_tacs_tsv(tmp_path / "plain_tacs.tsv"), read_tacs_tsv(tmp_path / "ref_tacs.tsv")
+    np.testing.assert_allclose(mixed.column("cerebellum"), plain.column("cerebellum"), rtol=1e-12)
+    np.testing.assert_allclose(mixed.column("striatum"), truth[1], rtol=1e-5)
+    assert np.max(np.abs(plain.column("striatum") / truth[1] - 1)) > 0.1  # PVE is there without PVC
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pvc", "gtm"], "needs --psf-fwhm-mm"),
+    (["--psf-fwhm-mm", "5"], "only used with --pvc"),
+    (["--pvc", "gtm", "--psf-fwhm-mm", "5", "6"], "one or three"),
+    (["--pvc-uncorrected", "cortex"], "needs --pvc"),
+    (["--pvc", "gtm", "--psf-fwhm-mm", "5", "--pvc-uncorrected", "cortx"], "available regions"),
+])
+def test_cli_tacs_pvc_bad_options_exit_2(tmp_path, capsys, extra, message):
+    from petbind.quant.cli import main
+
+    pet, atlas, labels_tsv, _truth, _lab = _write_phantom_study(tmp_path)
+    rc = main(["tacs", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--quiet",
+               "--out", str(tmp_path / "x_tacs.tsv")] + extra)
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x_tacs.tsv").exists()
+
+
+def test_cli_map_pvc_rbv(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    import petbind.quant.models
+    from petbind.quant.cli import main
+
+    record = {}
+    real = petbind.quant.models.parametric_maps
+
+    def spy(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs):
+        record.update(reference_tac=np.asarray(reference_tac), image=np.asarray(image_4d))
+        return real(model, frame_start_s, frame_end_s, reference_tac, image_4d, **kwargs)
+
+    monkeypatch.setattr(petbind.quant.models, "parametric_maps", spy)
+    pet, atlas, labels_tsv, truth, lab = _write_phantom_study(tmp_path)
+    args = ["map", str(pet), "--atlas", str(atlas), "--labels", str(labels_tsv), "--reference", "cerebellum",
+            "--model", "mrtm2", "--k2prime-per-min", "0.25", "--mask-regions", "striatum", "thalamus",
+            "--quiet", "--pvc", "rbv", "--psf-fwhm-mm", "5", "7", "9"]
+    assert main(args + ["--out-prefix", str(tmp_path / "rbv")]) == 0
+    np.testing.assert_allclose(record["image"], cases.piecewise_image(lab, truth), rtol=1e-4)
+    np.testing.assert_allclose(record["reference_tac"], truth[4], rtol=1e-5)
+    bp = nib.load(str(tmp_path / "rbv_bpnd.nii.gz")).get_fdata()
+    # MRTM2 on noiseless frame-mean SRTM TACs is within a few percent (as in test_quant_cli).
+    np.testing.assert_allclose(bp[lab == 2], 2.0, rtol=0.05)
+    np.testing.assert_allclose(bp[lab == 3], 1.5, rtol=0.05)
+    assert main(args + ["--out-prefix", str(tmp_path / "u"), "--pvc-uncorrected-reference"]) == 0
+    observed = cases.blur_oracle(cases.piecewise_image(lab, truth), (5.0, 7.0, 9.0))[lab == 5].mean(axis=0)
+    np.testing.assert_allclose(record["reference_tac"], observed, rtol=1e-5)
