@@ -2,9 +2,11 @@
 
 Subcommands
 -----------
-``tacs``     4-D PET image + sidecar + atlas -> regional TAC table (``_tacs.tsv``)
+``tacs``     4-D PET image + sidecar + atlas -> regional TAC table (``_tacs.tsv``),
+             optionally partial-volume corrected (``--pvc gtm|rbv --psf-fwhm-mm F``)
 ``fit``      TAC table -> one row per target region (BP_ND, R1, k2, k2')
-``map``      4-D PET image -> voxelwise parametric maps (NIfTI + JSON)
+``map``      4-D PET image -> voxelwise parametric maps (NIfTI + JSON), optionally
+             on the RBV-corrected image (``--pvc rbv --psf-fwhm-mm F``)
 ``compare``  two sessions (result TSVs or BP_ND maps) -> change tables/maps,
              or ``--study DIR`` -> group statistics tables and figures
 
