@@ -2,9 +2,11 @@
 
 Subcommands
 -----------
-``tacs``     4-D PET image + sidecar + atlas -> regional TAC table (``_tacs.tsv``)
+``tacs``     4-D PET image + sidecar + atlas -> regional TAC table (``_tacs.tsv``),
+             optionally partial-volume corrected (``--pvc gtm|rbv --psf-fwhm-mm F``)
 ``fit``      TAC table -> one row per target region (BP_ND, R1, k2, k2')
-``map``      4-D PET image -> voxelwise parametric maps (NIfTI + JSON)
+``map``      4-D PET image -> voxelwise parametric maps (NIfTI + JSON), optionally
+             on the RBV-corrected image (``--pvc rbv --psf-fwhm-mm F``)
 ``compare``  two sessions (result TSVs or BP_ND maps) -> change tables/maps,
              or ``--study DIR`` -> group statistics tables and figures
 
@@ -128,6 +130,29 @@ def _read_optional_sidecar(path: Path) -> dict | None:
     return read_json(side) if side.exists() else None
 
 
+def _pvc_psf(args, affine):
+    """The PSF for ``--pvc`` (``None`` for ``--pvc none``), after checking the options agree."""
+    from petbind.quant.pvc import GaussianPSF
+
+    if args.pvc == "none":
+        if args.psf_fwhm_mm is not None:
+            raise InputError("--psf-fwhm-mm is only used with --pvc gtm or rbv (got --pvc none)")
+        return None
+    if args.psf_fwhm_mm is None:
+        raise InputError(f"--pvc {args.pvc} needs --psf-fwhm-mm F (or three values x y z), the image's "
+                         "effective resolution FWHM in mm")
+    if len(args.psf_fwhm_mm) not in (1, 3) or not all(math.isfinite(f) and f >= 0 for f in args.psf_fwhm_mm):
+        raise InputError(f"--psf-fwhm-mm expects one or three finite numbers >= 0 (mm), got {args.psf_fwhm_mm}")
+    return GaussianPSF.from_affine(args.psf_fwhm_mm, affine)
+
+
+def _pvc_sidecar(args, psf, uncorrected) -> dict:
+    return {"Method": args.pvc, "Reference": {"gtm": "Rousset et al. 1998 J Nucl Med 39:904",
+                                              "rbv": "Thomas et al. 2011 Eur J Nucl Med Mol Imaging 38:1104"}[args.pvc],
+            "FWHM_mm": list(psf.fwhm_mm), "VoxelSize_mm": list(psf.voxel_size_mm),
+            "Background": "unlabelled voxels modelled as one region", "UncorrectedRegions": list(uncorrected)}
+
+
 def _emit(args, paths) -> None:
     if not args.quiet:
         for p in paths:
@@ -144,10 +169,20 @@ def cmd_tacs(args) -> list[Path]:
 
     pet = load_pet(args.image, args.json)
     atlas = load_atlas(args.atlas, args.labels)
-    table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
+    psf = _pvc_psf(args, pet.affine)
+    if psf is None:
+        if args.pvc_uncorrected:
+            raise InputError("--pvc-uncorrected needs --pvc gtm or rbv")
+        table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
+    else:
+        from petbind.quant.pvc import pvc_tacs
+
+        table = pvc_tacs(pet, atlas, psf, method=args.pvc, regions=args.regions,
+                         uncorrected=args.pvc_uncorrected or (), progress=not args.quiet)
     out = write_tacs_tsv(args.out, table)
     side = {
-        "Description": "regional mean time-activity curves",
+        "Description": "regional mean time-activity curves" + ("" if psf is None else
+                                                               f", partial-volume corrected ({args.pvc})"),
         "Sources": [str(args.image), str(args.atlas), str(args.labels)],
         "Units": "Bq/mL",
         "frame_start": {"Description": "frame start from injection", "Units": "s"},
@@ -156,6 +191,8 @@ def cmd_tacs(args) -> list[Path]:
             name: int(np.sum(atlas.labels == atlas.index_of(name))) for name in table.region_names
         },
     }
+    if psf is not None:
+        side["PartialVolumeCorrection"] = _pvc_sidecar(args, psf, args.pvc_uncorrected or ())
     for key in ("TracerRadionuclide", "TracerName", "InjectedRadioactivity", "InjectedRadioactivityUnits"):
         if key in pet.sidecar:
             side[key] = pet.sidecar[key]
@@ -224,6 +261,9 @@ def cmd_map(args) -> list[Path]:
     pet = load_pet(args.image, args.json)
     atlas = load_atlas(args.atlas, args.labels)
     check_same_grid(pet.data.shape, pet.affine, pet.path, atlas.labels.shape, atlas.affine, atlas.path)
+    psf = _pvc_psf(args, pet.affine)
+    if psf is None and args.pvc_uncorrected_reference:
+        raise InputError("--pvc-uncorrected-reference needs --pvc rbv")
     ref = tacs_from_image(pet, atlas, [args.reference]).column(args.reference)
     if args.no_atlas_mask:
         if args.mask_regions:
@@ -241,9 +281,22 @@ def cmd_map(args) -> list[Path]:
         if importlib.util.find_spec("cupy") is None:
             raise InputError("--device gpu needs CuPy (pip install 'petbind[gpu]' or cupy-cuda12x); use --device cpu")
         xp = "cupy"
+    data = pet.data
+    if psf is not None:
+        from petbind.quant.pvc import gtm_matrix, rbv_correct, regional_means
+
+        if xp == "cupy":
+            import cupy
+
+            data = cupy.asarray(data)
+        gtm = gtm_matrix(atlas.labels, atlas.names, psf, progress=not args.quiet)
+        data = rbv_correct(data, atlas.labels, gtm, progress=not args.quiet)
+        if not args.pvc_uncorrected_reference:
+            # The reference TAC gets the same correction as the voxels it is compared with.
+            ref = _to_host(regional_means(data, atlas.labels, [atlas.index_of(args.reference)])[0][0])
     from petbind.quant.models import parametric_maps
 
-    pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, pet.data, mask=mask,
+    pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, data, mask=mask,
                          threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
                          k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, xp=xp,
                          progress=not args.quiet)
@@ -260,6 +313,9 @@ def cmd_map(args) -> list[Path]:
                                              else "all labelled atlas voxels"),
         "Threshold": args.threshold,
     }
+    if psf is not None:
+        side["PartialVolumeCorrection"] = _pvc_sidecar(
+            args, psf, [args.reference] if args.pvc_uncorrected_reference else [])
     written = []
     for name, arr in pm.maps.items():
         suffix = MAP_SUFFIX.get(name, name)
@@ -360,6 +416,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         f"TracerRadionuclide, else {DEFAULT_HALF_LIFE_MIN} (11C)")
 
 
+def _pvc_options(p: argparse.ArgumentParser, choices) -> None:
+    p.add_argument("--pvc", default="none", choices=choices,
+                   help="partial-volume correction: gtm = regional geometric transfer matrix (Rousset 1998), "
+                        "rbv = region-based voxelwise (Thomas 2011); unlabelled voxels are one more region. "
+                        "Default none")
+    p.add_argument("--psf-fwhm-mm", type=float, nargs="+", default=None, metavar="F",
+                   help="effective image resolution for --pvc: Gaussian FWHM in mm, one value or three (x y z)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``petbind-quant`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -378,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="label TSV with columns index, name")
     p.add_argument("--regions", nargs="+", default=None, help="only these regions (default all)")
     p.add_argument("--out", required=True, help="output TAC TSV (a JSON sidecar is written next to it)")
+    _pvc_options(p, ("none", "gtm", "rbv"))
+    p.add_argument("--pvc-uncorrected", nargs="+", default=None, metavar="REGION",
+                   help="report these regions (e.g. the reference) without PVC; they are still modelled. "
+                        "Default: every region, the reference included, is corrected")
     p.set_defaults(func=cmd_tacs)
 
     p = sub.add_parser("fit", parents=[common], help="fit a kinetic model to a TAC table",
@@ -411,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit on the CPU (NumPy) or on a CUDA GPU (CuPy); default cpu")
     p.add_argument("--out-prefix", required=True, help="output path prefix")
     p.add_argument("--figure", default=None, help="optional PNG montage of BP_ND over the mean PET image")
+    _pvc_options(p, ("none", "rbv"))
+    p.add_argument("--pvc-uncorrected-reference", action="store_true",
+                   help="take the reference TAC from the uncorrected image (default: from the RBV image, "
+                        "corrected like the voxels)")
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser(
