@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
-from petbind.recon.rawdata.hdf5 import (
-    FORMAT_VERSION,
-    ExamInfo,
-    ListmodeCorrections,
-    ListmodeReader,
-    ListmodeWriter,
-    read_sinograms_h5,
-    write_sinograms_h5,
-)
+from petbind.recon.rawdata.schema import FORMAT_VERSION, ExamInfo, ListmodeCorrections
+from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
+from petbind.recon.rawdata.sinograms import read_sinograms_h5, write_sinograms_h5
 
 
 def small_scanner():

@@ -16,13 +16,8 @@ from petbind.recon.corrections import (
 )
 from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
 from petbind.recon.listmode import histogram_listmode, select_frame
-from petbind.recon.rawdata.hdf5 import (
-    ExamInfo,
-    ListmodeChunk,
-    ListmodeCorrections,
-    ListmodeReader,
-    ListmodeWriter,
-)
+from petbind.recon.rawdata.schema import ExamInfo, ListmodeChunk, ListmodeCorrections
+from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
 
 LAYOUTS = [(15, None, 1), (7, 2, 1), (9, None, 3), (1, 0, 1), (8, 3, 3)]
 

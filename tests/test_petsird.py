@@ -10,7 +10,8 @@ from petsird.helpers.geometry import get_detecting_box  # noqa: E402
 
 from petbind.recon.rawdata.convert import main as convert_main  # noqa: E402
 from petbind.recon.geometry import Scanner, TOFParameters  # noqa: E402
-from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeCorrections, ListmodeReader, ListmodeWriter  # noqa: E402
+from petbind.recon.rawdata.schema import ExamInfo, ListmodeCorrections
+from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
 from petbind.recon.rawdata.petsird_io import PetsirdReader, write_petsird  # noqa: E402
 
 

@@ -262,7 +262,7 @@ class _no_raise:
 def test_kappa_oracle():
     """κ against the simulator's own definition."""
     from petbind.recon.geometry import ImageGrid, SinogramLayout
-    from petbind.recon.rawdata.hdf5 import ListmodeCorrections
+    from petbind.recon.rawdata.schema import ListmodeCorrections
     from petbind.sim.acquisition import ListmodeSimulator
 
     sc = Scanner.cylindrical(100.0, 48, 4, 8.0)

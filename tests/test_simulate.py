@@ -332,7 +332,8 @@ def test_basis_listmode_counts_follow_the_expected_sinogram(setup, tof):
 
 
 def test_write_sinograms_round_trip(setup, tmp_path):
-    from petbind.recon.rawdata.hdf5 import ExamInfo, read_sinograms_h5
+    from petbind.recon.rawdata.schema import ExamInfo
+    from petbind.recon.rawdata.sinograms import read_sinograms_h5
 
     activity = setup[3]
     sim = make_sim(setup)

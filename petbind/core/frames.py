@@ -174,7 +174,7 @@ class Frames:
         ----------
         exam : object
             Supplies ``half_life_s`` and ``scan_start_s`` (s), e.g. an
-            :class:`~petbind.recon.rawdata.hdf5.ExamInfo`.
+            :class:`~petbind.recon.rawdata.schema.ExamInfo`.
 
         Returns
         -------

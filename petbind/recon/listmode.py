@@ -6,7 +6,7 @@ milliseconds (``time_ms``), frame edges are converted to ms once
 (``edge_ms = edge_s * 1000``, computed from exact decimal fractions so that
 frame definitions such as ``30x0.1s`` have no accumulated rounding).
 
-Histogramming consumes :class:`petbind.recon.rawdata.hdf5.ListmodeChunk` objects one at a time,
+Histogramming consumes :class:`petbind.recon.rawdata.schema.ListmodeChunk` objects one at a time,
 so memory stays bounded by the chunk size plus the sinograms.  The same code
 runs on the GPU: with ``device="gpu"`` each chunk is copied to the device once
 and binned with CuPy's ``bincount``.

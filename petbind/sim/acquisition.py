@@ -838,7 +838,7 @@ class ListmodeSimulator:
         frame_index : int
         frame_start_s, frame_end_s : float
             The frame's times (s after injection); stored relative to the scan start.
-        exam : petbind.recon.rawdata.hdf5.ExamInfo, optional
+        exam : petbind.recon.rawdata.schema.ExamInfo, optional
 
         Notes
         -----
@@ -846,7 +846,7 @@ class ListmodeSimulator:
         ``normalisation``, the ``attenuation`` factors and the expected
         ``scatter`` (what a scatter estimate should recover).
         """
-        from petbind.recon.rawdata.hdf5 import write_sinograms_h5  # noqa: PLC0415 - only needed here
+        from petbind.recon.rawdata.sinograms import write_sinograms_h5
 
         k = int(frame_index)
         write_sinograms_h5(

@@ -319,7 +319,8 @@ def simulate_study(out_dir, config=None, phantom=None):
     if config.scanner is None:
         config = replace(config, scanner=Scanner.demo())
     config.validate()
-    from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeCorrections, ListmodeWriter  # noqa: PLC0415 - only needed here
+    from petbind.recon.rawdata.schema import ExamInfo, ListmodeCorrections
+    from petbind.recon.rawdata.hdf5 import ListmodeWriter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

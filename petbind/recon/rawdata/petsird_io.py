@@ -63,7 +63,7 @@ import numpy as np
 from petbind.core.decay import HALF_LIFE_S
 
 from petbind.recon.geometry import SPEED_OF_LIGHT_MM_PER_PS, Scanner, TOFParameters
-from petbind.recon.rawdata.hdf5 import ExamInfo, ListmodeChunk, ListmodeCorrections, validate_events
+from petbind.recon.rawdata.schema import ExamInfo, ListmodeChunk, ListmodeCorrections, validate_events
 from petbind.core.files import atomic_output
 
 __all__ = ["PetsirdReader", "write_petsird", "scanner_to_petsird", "petsird_to_scanner", "ISOTOPE_HALF_LIFE_S"]
