@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from petbind.quant.cli import FIT_COLUMNS, main
+from petbind.quant.cli import main
+from petbind.quant.results import FIT_COLUMNS
 from petbind.quant.io import TACTable, write_tacs_tsv
 from petbind.core.files import read_table_tsv
 from tests.quant_helpers import (AFFINE, FRAME_END_S, FRAME_START_S, atlas_labels, srtm_tacs, write_atlas,

@@ -32,17 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
+from petbind.quant.models import MODELS
 
 logger = logging.getLogger("petbind.quant")
 
-MODEL_CHOICES = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
+MODEL_CHOICES = MODELS
 WEIGHT_CHOICES = ("none", "duration", "counts")
 
 DEFAULT_HALF_LIFE_MIN = C11_HALF_LIFE_S / 60.0
 
-#: Columns that every ``fit`` result TSV starts with (the CLI contract).
-FIT_COLUMNS = ["region", "model", "bp_nd", "r1", "k2_per_min", "k2prime_per_min", "status"]
-_PARAMS = ["bp_nd", "r1", "k2_per_min", "k2prime_per_min"]
 
 #: File name suffix of each parametric map written by ``map``.
 MAP_SUFFIX = {"bp_nd": "bpnd", "r1": "r1", "k2_per_min": "k2", "k2prime_per_min": "k2prime"}
@@ -94,28 +92,6 @@ def _check_model_options(args) -> None:
         raise InputError(f"--tstar-min must be >= 0 minutes, got {args.tstar_min}")
     if args.k2prime_per_min is not None and not (args.k2prime_per_min > 0 and math.isfinite(args.k2prime_per_min)):
         raise InputError(f"--k2prime-per-min must be > 0 per minute, got {args.k2prime_per_min}")
-
-
-def _per_target(value, n: int, default=math.nan) -> np.ndarray:
-    """Broadcast a result field (scalar or (n,)) to shape (n,)."""
-    if value is None:
-        return np.full(n, default)
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        return np.full(n, arr.item())
-    return arr.reshape(-1)[:n] if arr.size == n else np.full(n, default)
-
-
-def _status_name(status_names, code: int) -> str:
-    """Short status name (first word of the model's description)."""
-    name = None
-    if isinstance(status_names, dict):
-        name = status_names.get(code, status_names.get(str(code)))
-    elif status_names is not None and 0 <= code < len(status_names):
-        name = status_names[code]
-    if name is None:
-        return "ok" if code == 0 else str(code)
-    return str(name).split(" ")[0] or str(code)
 
 
 def _to_host(a) -> np.ndarray:
@@ -202,8 +178,8 @@ def cmd_tacs(args) -> list[Path]:
 
 
 def cmd_fit(args) -> list[Path]:
-    from petbind.core.files import sidecar_path_for, write_json, write_table_tsv
     from petbind.quant.io import read_tacs_tsv
+    from petbind.quant.results import write_fit_tsv
     from petbind.quant.tacs import split_reference
 
     _check_model_options(args)
@@ -215,39 +191,24 @@ def cmd_fit(args) -> list[Path]:
     res = fit_model(args.model, table.frame_start_s, table.frame_end_s, ref, tac, weights=args.weights,
                     tstar_min=args.tstar_min, k2prime_per_min=args.k2prime_per_min, half_life_min=half_life)
     n = len(names)
-    params = {k: _per_target(res.parameters.get(k), n) for k in _PARAMS}
-    ses = {k: _per_target((res.standard_errors or {}).get(k), n) for k in _PARAMS}
-    status = _per_target(res.status, n, default=-1).astype(int)
-    bound = _per_target(getattr(res, "bound_hit", None), n, default=False).astype(bool)
-    columns = FIT_COLUMNS + ["status_name"] + [f"se_{k}" for k in _PARAMS] + ["bound_hit", "reference"]
-    rows = []
-    for i, name in enumerate(names):
-        rows.append([name, res.model, *(params[k][i] for k in _PARAMS), int(status[i]),
-                     _status_name(getattr(res, "status_names", None), int(status[i])),
-                     *(ses[k][i] for k in _PARAMS),
-                     bool(bound[i]), args.reference])
-    out = write_table_tsv(args.out, columns, rows)
-    n_bad = int(np.sum(status != 0))
-    if n_bad:
-        logger.warning("%s: %d of %d region fit(s) with non-zero status", args.out, n_bad, n)
-    write_json(sidecar_path_for(out), {
+    out = write_fit_tsv(args.out, res, names, args.reference, {
         "Description": f"{res.model} fit of {args.tacs}",
         "Sources": [str(args.tacs)],
-        "Model": res.model,
-        "ReferenceRegion": args.reference,
         "Weights": args.weights,
         "TStarMin": args.tstar_min,
         "K2PrimePerMin": args.k2prime_per_min,
         "HalfLifeMin": half_life,
-        "Info": getattr(res, "info", {}),
     })
+    n_bad = int(np.sum(np.asarray(res.status).reshape(-1) != 0))
+    if n_bad:
+        logger.warning("%s: %d of %d region fit(s) with non-zero status", args.out, n_bad, n)
     written = [out]
     if args.figure:
         from petbind.quant.figures import plot_tac_fits
 
         fitted = np.asarray(res.fitted, dtype=float).reshape(table.n_frames, n)
         written.append(plot_tac_fits(args.figure, table.frame_start_s, table.frame_end_s, ref, tac, fitted, names,
-                                     model=res.model, reference_name=args.reference, bp_nd=params["bp_nd"]))
+                                     model=res.model, reference_name=args.reference, bp_nd=np.asarray(res.parameters["bp_nd"], float).reshape(-1)))
     return written
 
 
