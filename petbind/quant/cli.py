@@ -33,6 +33,7 @@ import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
 from petbind.quant.models import MODELS
+from petbind.quant.results import FIT_COLUMNS
 
 logger = logging.getLogger("petbind.quant")
 
