@@ -33,7 +33,7 @@ import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
 from petbind.quant.models import MODELS
-from petbind.quant.results import FIT_COLUMNS
+from petbind.quant.results import FIT_COLUMNS, write_parametric_maps
 
 logger = logging.getLogger("petbind.quant")
 
@@ -43,8 +43,6 @@ WEIGHT_CHOICES = ("none", "duration", "counts")
 DEFAULT_HALF_LIFE_MIN = C11_HALF_LIFE_S / 60.0
 
 
-#: File name suffix of each parametric map written by ``map``.
-MAP_SUFFIX = {"bp_nd": "bpnd", "r1": "r1", "k2_per_min": "k2", "k2prime_per_min": "k2prime"}
 
 
 class InputError(ValueError):
@@ -214,7 +212,7 @@ def cmd_fit(args) -> list[Path]:
 
 
 def cmd_map(args) -> list[Path]:
-    from petbind.quant.io import check_same_grid, load_atlas, load_pet, save_nifti
+    from petbind.quant.io import check_same_grid, load_atlas, load_pet
     from petbind.quant.tacs import tacs_from_image
 
     _check_model_options(args)
@@ -278,22 +276,8 @@ def cmd_map(args) -> list[Path]:
     if psf is not None:
         side["PartialVolumeCorrection"] = _pvc_sidecar(
             args, psf, [args.reference] if args.pvc_uncorrected_reference else [])
-    written = []
-    for name, arr in pm.maps.items():
-        suffix = MAP_SUFFIX.get(name, name)
-        if name.endswith("per_min"):
-            units = "1/min"
-        elif name == "residual":
-            units = "min (Logan plot)" if args.model == "logan" else "Bq/mL"
-        else:
-            units = "unitless"
-        written.append(save_nifti(f"{prefix}_{suffix}.nii.gz", _to_host(arr).astype(np.float32), pet.affine,
-                                  {**side, "Description": f"{args.model} parametric map {name}", "Units": units}))
+    written = write_parametric_maps(prefix, pm, pet.affine, side, model=args.model)
     status = _to_host(pm.status)
-    written.append(save_nifti(f"{prefix}_status.nii.gz", status.astype(np.int16), pet.affine,
-                              {**side, "Description": "fit status per voxel (0 ok)",
-                               "StatusCodes": {str(k): v for k, v in (getattr(pm, "status_names", None) or {}).items()},
-                               "Info": getattr(pm, "info", {})}))
     names = getattr(pm, "status_names", None) or {}
     masked_codes = [int(k) for k, v in names.items() if str(v).startswith("masked")]
     n_bad = int(np.sum((status != 0) & ~np.isin(status, masked_codes)))

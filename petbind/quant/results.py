@@ -13,7 +13,7 @@ import numpy as np
 
 from petbind.core.files import sidecar_path_for, write_json, write_table_tsv
 
-__all__ = ["FIT_COLUMNS", "FIT_PARAMETERS", "fit_table", "write_fit_tsv"]
+__all__ = ["FIT_COLUMNS", "FIT_PARAMETERS", "MAP_SUFFIX", "fit_table", "write_fit_tsv", "write_parametric_maps"]
 
 #: Columns that every fit result TSV starts with (the CLI contract).
 FIT_COLUMNS = ["region", "model", "bp_nd", "r1", "k2_per_min", "k2prime_per_min", "status"]
@@ -101,3 +101,56 @@ def write_fit_tsv(path, result, names, reference, sidecar=None):
                                        "ReferenceRegion": reference, "Info": getattr(result, "info", {}),
                                        **(sidecar or {})})
     return out
+
+
+#: File name suffix of each parametric map.
+MAP_SUFFIX = {"bp_nd": "bpnd", "r1": "r1", "k2_per_min": "k2", "k2prime_per_min": "k2prime"}
+
+
+def _map_units(name, model):
+    if name.endswith("per_min"):
+        return "1/min"
+    if name == "residual":
+        return "min (Logan plot)" if model == "logan" else "Bq/mL"
+    return "unitless"
+
+
+def write_parametric_maps(prefix, pm, affine, sidecar=None, model=None):
+    """Write every map of a :class:`~petbind.quant.models.ParametricMaps` as NIfTI + JSON.
+
+    Parameters
+    ----------
+    prefix : str or os.PathLike
+        Output prefix; maps go to ``{prefix}_{bpnd,r1,k2,...}.nii.gz`` and the
+        fit status to ``{prefix}_status.nii.gz``.
+    pm : ParametricMaps
+        Maps on NumPy or CuPy (copied to the host here).
+    affine : ndarray, shape (4, 4)
+    sidecar : dict, optional
+        Fields shared by every map's sidecar (settings, sources, provenance).
+    model : str, optional
+        Model name for units (default ``sidecar["Model"]``).
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written (maps, then status).
+    """
+    from petbind.core.device import to_numpy
+    from petbind.quant.io import save_nifti
+
+    side = dict(sidecar or {})
+    model = model or side.get("Model", "")
+    written = []
+    for name, arr in pm.maps.items():
+        written.append(save_nifti(f"{prefix}_{MAP_SUFFIX.get(name, name)}.nii.gz",
+                                  to_numpy(arr).astype(np.float32), affine,
+                                  {**side, "Description": f"{model} parametric map {name}",
+                                   "Units": _map_units(name, model)}))
+    status = to_numpy(pm.status)
+    names = getattr(pm, "status_names", None) or {}
+    written.append(save_nifti(f"{prefix}_status.nii.gz", status.astype(np.int16), affine,
+                              {**side, "Description": "fit status per voxel (0 ok)",
+                               "StatusCodes": {str(k): v for k, v in names.items()},
+                               "Info": getattr(pm, "info", {})}))
+    return written
