@@ -42,7 +42,9 @@ from pathlib import Path
 
 import numpy as np  # noqa: E402
 
-from petbind.pipeline import study as pipeline  # noqa: E402
+from petbind.pipeline.cli import setup_logging  # noqa: E402
+from petbind.pipeline.options import DEVICE_CHOICES, PipelineOptions  # noqa: E402
+from petbind.pipeline.run import run_pipeline  # noqa: E402
 
 log = logging.getLogger("petbind.demo")
 
@@ -144,13 +146,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="./petbind-demo", help="output folder (default ./petbind-demo)")
     ap.add_argument("--subjects", type=int, default=6, help="number of subjects, alternately drug/placebo (default 6)")
-    ap.add_argument("--device", default="auto", choices=pipeline.DEVICE_CHOICES, help="projector device (default auto)")
+    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="projector device (default auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars, only the final table")
     args = ap.parse_args(argv)
     if args.subjects < 2:
         print("demo.py: error: --subjects must be >= 2 (one drug, one placebo subject)", file=sys.stderr)
         return 2
-    pipeline.setup_logging(args.quiet)
+    setup_logging(args.quiet)
     from petbind.sim.study import simulate_study
 
     out = Path(args.out)
@@ -159,12 +161,12 @@ def main(argv=None):
     log.info("simulating %d subjects x 2 sessions into %s", args.subjects, raw)
     simulate_study(raw, demo_config(args.subjects, args.device, args.quiet))
     t_sim = time.time() - t0
-    options = pipeline.PipelineOptions(
+    options = PipelineOptions(
         device=args.device, quiet=args.quiet, force=True,
         n_permutations=2000, model="bfsrtm", iterations=4, subsets=16,
     )
     try:
-        pipeline.run_pipeline(raw, deriv, options)
+        run_pipeline(raw, deriv, options)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"demo.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

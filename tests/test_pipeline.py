@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-from petbind.pipeline import study  # noqa: E402
+from petbind.pipeline import cli as study  # noqa: E402
+from petbind.pipeline import discover, reconstruct  # noqa: E402
+from petbind.pipeline.run import run_pipeline  # noqa: E402
 
 from petbind.recon.geometry import Scanner  # noqa: E402
 
@@ -49,7 +51,8 @@ def _config(num_subjects=1, **kw):
 
 def _args(study_dir, out, *extra):
     return [str(study_dir), "--out", str(out), "--sensitivity-cps-per-kbq", str(SENSITIVITY_CPS_PER_KBQ),
-            "--device", "cpu", "--iterations", "2", "--subsets", "6", "--n-permutations", "100", "--quiet", *extra]
+            "--device", "cpu", "--iterations", "2", "--subsets", "6", "--n-permutations", "100", "--groups", "drug",
+            "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_outputs_and_sidecar(tiny):
     np.testing.assert_allclose(side["FrameTimesStart"], np.concatenate([[0.0], np.cumsum(FRAMES_S)[:-1]]))
     # the fit table is the petbind-quant fit format
     rows = _read_tsv(out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv")
-    from petbind.quant.cli import FIT_COLUMNS
+    from petbind.quant.results import FIT_COLUMNS
 
     assert list(rows[0])[: len(FIT_COLUMNS)] == FIT_COLUMNS
     assert {r["region"] for r in rows} >= set(LARGE_REGIONS)
@@ -156,16 +159,16 @@ def test_resume_skips_and_force_redoes(tiny, caplog):
     pet = out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_rec-osem_pet.nii.gz"
     before = (fit.stat().st_mtime_ns, pet.stat().st_mtime_ns)
     opts = study.options_from_args(study.build_parser().parse_args(_args(raw, out)))
-    with caplog.at_level(logging.INFO, logger="petbind.study"):
-        res = study.run_pipeline(raw, out, opts)
-    assert [r[2] for r in res["sessions"]] == ["skipped", "skipped"]
-    assert any("skip sub-01 ses-baseline" in m for m in caplog.messages)
+    with caplog.at_level(logging.INFO, logger="petbind.pipeline"):
+        res = run_pipeline(raw, out, opts)
+    assert [o.status for o in res.sessions] == ["reused", "reused"]
+    assert any("reuse sub-01 ses-baseline" in m for m in caplog.messages)
     assert (fit.stat().st_mtime_ns, pet.stat().st_mtime_ns) == before
     # --force on a different model: recon redone too (force), fit written for the new model
     opts.force = True
     opts.model = "mrtm"
-    res = study.run_pipeline(raw, out, opts)
-    assert [r[2] for r in res["sessions"]] == ["done", "done"]
+    res = run_pipeline(raw, out, opts)
+    assert [o.status for o in res.sessions] == ["done", "done"]
     assert pet.stat().st_mtime_ns > before[1]
     assert fit.with_name("sub-01_ses-baseline_desc-mrtm_bpnd.tsv").exists()
 
@@ -175,9 +178,10 @@ def test_interrupted_session_resumes_from_frame_cache(tiny, tmp_path, monkeypatc
     raw, _ = tiny
     out = tmp_path / "deriv"
     opts = study.options_from_args(study.build_parser().parse_args(_args(raw, out)))
-    sessions = study.find_sessions(raw)
+    sessions = discover.find_sessions(raw)
+    atlas = discover.load_atlas(sessions[0])
     calls = []
-    real = study.estimate_scatter
+    real = reconstruct.estimate_scatter
 
     class Interrupted(Exception):
         pass
@@ -190,16 +194,18 @@ def test_interrupted_session_resumes_from_frame_cache(tiny, tmp_path, monkeypatc
             raise Interrupted
         return real(*a, **kw)
 
-    monkeypatch.setattr(study, "estimate_scatter", counting)
+    monkeypatch.setattr(reconstruct, "estimate_scatter", counting)
     pet = sessions[0].out_dir(out) / "x_pet.nii.gz"
     pet.parent.mkdir(parents=True)
     with pytest.raises(Interrupted):
-        study.reconstruct_session(sessions[0], pet, opts, regions=["cerebellum", *LARGE_REGIONS], progress=False)
+        reconstruct.reconstruct_session(sessions[0], pet, opts, atlas, regions=["cerebellum", *LARGE_REGIONS],
+                                        progress=False)
     assert len(list((pet.parent / ".frames").glob("frame-*.npz"))) == 3
     assert not pet.exists()
     calls.clear()
     armed[0] = False
-    study.reconstruct_session(sessions[0], pet, opts, regions=["cerebellum", *LARGE_REGIONS], progress=False)
+    reconstruct.reconstruct_session(sessions[0], pet, opts, atlas, regions=["cerebellum", *LARGE_REGIONS],
+                                        progress=False)
     assert len(calls) == len(FRAMES_S) - 3
     assert pet.exists()
 
@@ -248,7 +254,7 @@ def test_bad_input_exit_2(tiny, tmp_path, capsys, case):
     lines = [line for line in err.strip().splitlines() if line]
     assert all(e in err for e in expect), err
     if case != "model":
-        assert len(lines) == 1 and lines[0].startswith("study.py: error:")
+        assert len(lines) == 1 and lines[0].startswith("petbind-study: error:")
 
 
 class _no_raise:
@@ -269,9 +275,9 @@ def test_kappa_oracle():
     lay = SinogramLayout(sc, 21)
     grid = ImageGrid((12, 12, 4), 8.0)
     sim = ListmodeSimulator(lay, grid, sensitivity_cps_per_kbq=2.5, device="cpu", quiet=True)
-    k, _ = study.calibration_kappa(lay, grid, ListmodeCorrections(), 2.5, "cpu")
+    k, _ = reconstruct.calibration_kappa(lay, grid, ListmodeCorrections(), 2.5, "cpu")
     assert k == pytest.approx(sim.kappa, rel=1e-6)
-    k2, src = study.calibration_kappa(lay, grid, ListmodeCorrections(calibration_factor=4.0), None, "cpu")
+    k2, src = reconstruct.calibration_kappa(lay, grid, ListmodeCorrections(calibration_factor=4.0), None, "cpu")
     assert k2 == 0.25 and "calibration_factor" in src
 
 
@@ -287,7 +293,7 @@ def test_mu_map_resampling_reproduces_linear_field():
         x, y, z = np.meshgrid(*c, indexing="ij")
         return 0.01 + 1e-4 * x - 2e-4 * y + 3e-4 * z
 
-    out = study.resample_to_grid(field(src), src.affine, dst)
+    out = reconstruct.resample_to_grid(field(src), src.affine, dst)
     np.testing.assert_allclose(out, field(dst), rtol=1e-5, atol=1e-7)
-    same = study.resample_to_grid(field(dst), dst.affine, dst)
+    same = reconstruct.resample_to_grid(field(dst), dst.affine, dst)
     np.testing.assert_array_equal(same, field(dst).astype(np.float32))
