@@ -297,3 +297,85 @@ def test_mu_map_resampling_reproduces_linear_field():
     np.testing.assert_allclose(out, field(dst), rtol=1e-5, atol=1e-7)
     same = reconstruct.resample_to_grid(field(dst), dst.affine, dst)
     np.testing.assert_array_equal(same, field(dst).astype(np.float32))
+
+
+def test_report_is_self_contained(tiny):
+    """report.html parses, embeds every image it shows and lists every session."""
+    from html.parser import HTMLParser
+
+    raw, out = tiny
+    text = (out / "report.html").read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.srcs, self.ids, self.stack = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.srcs.append(a.get("src", ""))
+            if "id" in a:
+                self.ids.append(a["id"])
+            if tag in ("html", "body", "table", "details"):
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            if tag in ("html", "body", "table", "details"):
+                assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+    c = Collect()
+    c.feed(text)
+    c.close()
+    assert c.stack == []
+    assert c.srcs and all(s.startswith("data:image/png;base64,") for s in c.srcs)
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    assert set(c.ids) >= {"sub-01_ses-baseline", "sub-01_ses-postdose"}
+    for needed in ("Quality control", "Provenance", "Estimated vs true", "sha256"):
+        assert needed in text
+
+
+def test_dask_cluster_equals_serial(tiny, tmp_path):
+    """Sessions on a 2-process local Dask cluster give byte-identical results to the serial run."""
+    import hashlib
+
+    raw, serial = tiny
+    out = tmp_path / "dask"
+    assert study.main(_args(raw, out, "--workers", "2")) == 0
+
+    def digests(root):
+        d = {}
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix in (".tsv", ".gz") and "group" not in p.parts:
+                d[p.relative_to(root)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return d
+
+    a, b = digests(serial), digests(out)
+    assert a.keys() == b.keys() and len(a) >= 6
+    assert a == b
+    for name in ("subject_changes.tsv", "within_group.tsv"):
+        assert (serial / "group" / name).read_text() == (out / "group" / name).read_text()
+
+
+def test_failed_session_is_reported_and_others_finish(tiny, tmp_path, capsys, monkeypatch):
+    """A session failing mid-run: the other finishes, exit status 1 lists the failure with its file."""
+    raw, _ = tiny
+    src = _copy_study(raw, tmp_path / "raw")
+    from petbind.pipeline import run as run_mod
+
+    real = run_mod.reconstruct_session
+
+    def flaky(session, *a, **kw):
+        if session.session == "ses-postdose":
+            raise RuntimeError("simulated scanner fault in frame 3")
+        return real(session, *a, **kw)
+
+    monkeypatch.setattr(run_mod, "reconstruct_session", flaky)
+    out = tmp_path / "out"
+    rc = study.main(_args(src, out))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "sub-01 ses-postdose" in err and "simulated scanner fault in frame 3" in err
+    assert "sub-01_ses-postdose_pet-listmode.h5" in err
+    assert (out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv").exists()
+    assert not (out / "group" / "within_group.tsv").exists()

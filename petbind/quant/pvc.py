@@ -407,7 +407,8 @@ def _sums(image, idx, n, xp):
     return sums, counts
 
 
-def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", progress: bool = False) -> GTM:
+def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", progress: bool = False,
+               fractions=None) -> GTM:
     """Build the geometric transfer matrix of an atlas (Rousset et al. 1998).
 
     Parameters
@@ -424,6 +425,14 @@ def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", prog
         Unlabelled voxels are one more region (default) or hold no activity.
     progress : bool
         tqdm bar over regions.
+    fractions : dict[str, array], optional
+        Tissue fraction of each named region in every voxel (0..1, shape of
+        ``labels``), e.g. a probabilistic segmentation resampled from MRI
+        resolution.  The activity model is then ``Σ_j T_j f_j`` instead of
+        ``Σ_j T_j χ_j``: column ``j`` is the blur of ``f_j`` (and the
+        background's fraction is what the regions leave, ``1 - Σ_j f_j``),
+        so voxels that mix tissues are modelled too.  Regional means (rows)
+        stay means over the labelled voxels.
 
     Returns
     -------
@@ -474,15 +483,20 @@ def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", prog
     local = psf.mode == "constant"
     matrix = xp.full((n, n), xp.nan, dtype=xp.float64)
     counts_x = xp.asarray(np.where(counts > 0, counts, 1).astype(np.float64))
+    sources = None
+    if fractions is not None:
+        sources = _fraction_sources(fractions, row_names, row_labels, shape, xp)
+        boxes = [find_objects((to_numpy(s) > 0).astype(np.int8))[0] if s is not None else None for s in sources]
     for j in tqdm(range(n), desc="GTM", unit="region", disable=not progress):
         if counts[j] == 0:
             continue
-        if local:
+        if local and boxes[j] is not None:
             box = tuple(slice(max(s.start - r, 0), min(s.stop + r, m)) for s, r, m in zip(boxes[j], radius, shape))
         else:
             box = (slice(None),) * 3
         sub = idx[box]
-        blurred = psf._blur3(nd, (sub == j).astype(xp.float64))
+        source = (sub == j).astype(xp.float64) if sources is None else sources[j][box]
+        blurred = psf._blur3(nd, source)
         sums = xp.bincount(sub.reshape(-1), weights=blurred.reshape(-1), minlength=n + 1)[:n]
         matrix[:, j] = sums / counts_x
     ok = counts > 0
@@ -496,6 +510,31 @@ def gtm_matrix(labels, names, psf: GaussianPSF, background: str = "region", prog
         logger.warning("PVC: GTM condition number %.3g; corrected values amplify noise strongly", cond)
     logger.debug("GTM %d regions, sigma %s voxels, cond %.3g", n, psf.sigma_voxels, cond)
     return GTM(matrix, row_names, row_labels, counts, status, psf, background, tuple(shape), cond, histogram)
+
+
+def _fraction_sources(fractions, row_names, row_labels, shape, xp):
+    """Per GTM row, the fraction map (float64 on ``xp``); the background takes what is left."""
+    unknown = sorted(set(fractions) - set(row_names))
+    if unknown:
+        raise ValueError(f"fractions: regions {unknown} are not in the atlas")
+    out, total = [], xp.zeros(shape, dtype=xp.float64)
+    for name, lab in zip(row_names, row_labels):
+        if lab == 0:
+            out.append(None)
+            continue
+        if name not in fractions:
+            raise ValueError(f"fractions: region {name!r} has no fraction map; give one for every region")
+        f = xp.asarray(fractions[name], dtype=xp.float64)
+        if f.shape != tuple(shape):
+            raise ValueError(f"fractions: map of {name!r} has shape {f.shape}, labels {tuple(shape)}")
+        if bool(xp.any(f < 0)) or bool(xp.any(~xp.isfinite(f))):
+            raise ValueError(f"fractions: map of {name!r} must be finite and >= 0")
+        out.append(f)
+        total += f
+    if bool(xp.any(total > 1 + 1e-4)):
+        raise ValueError("fractions: the region fractions of a voxel sum to more than 1")
+    out = [xp.clip(1.0 - total, 0.0, None) if s is None else s for s in out]
+    return out
 
 
 def _solve(gtm: GTM, observed, xp):
