@@ -923,7 +923,8 @@ class PetsirdReader:
     @property
     def tof(self):
         if not self.is_ring:
-            raise ValueError(f"{self._ring_error}; TOF bins are per module-type pair: use .geometry.tof_parameters(t1, t2)")
+            raise ValueError(f"{self._ring_error}; TOF bins are per module-type pair (.geometry.tof_parameters(t1, t2)): "
+                             "use PetsirdReader.events() and listmode OSEM on detector positions")
         return self._tof
 
     def __repr__(self):
@@ -980,10 +981,11 @@ class PetsirdReader:
                               f"(the header has {self.geometry.num_module_types} module types)"}
         for key, n in self.ignored.items():
             log.warning("%s: %d %s are not used by petbind and were skipped", self.path, n, what[key])
-        names = sorted({type(b).__name__ for _, b in self.other_blocks} - {"SinglesHistogramTimeBlock", "DeadTimeTimeBlock"})
-        if names or (not self.is_ring and self.other_blocks):
-            kinds = names or sorted({type(b).__name__ for _, b in self.other_blocks})
-            log.warning("%s: %s blocks are not used by petbind (kept in .other_blocks)", self.path, ", ".join(kinds))
+        tb = _petsird().TimeBlock
+        used = (tb.SinglesHistogramTimeBlock, tb.DeadTimeTimeBlock) if self.is_ring else ()
+        unused = sorted({type(b).__name__.split(".")[-1] for _, b in self.other_blocks if not isinstance(b, used)})
+        if unused:
+            log.warning("%s: %s blocks are not used by petbind (kept in .other_blocks)", self.path, ", ".join(unused))
 
     def _keep(self, start, start_ms, stop_ms):
         return (start_ms is None or start >= start_ms) and (stop_ms is None or start < stop_ms)
