@@ -113,12 +113,15 @@ def read_all(path, **kw):
 # ------------------------------------------------------------------------------------------------
 # the bulk codec
 # ------------------------------------------------------------------------------------------------
-def test_varints_match_the_package_encoding():
+@pytest.mark.parametrize("longest", [1, 2, 3, 4, 5])
+def test_varints_match_the_package_encoding(longest):
+    """Values whose longest varint has 1..5 bytes (the decoder has a path per length)."""
     from petsird._binary import CodedOutputStream
 
-    rng = np.random.default_rng(1)
-    v = np.concatenate([[0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**32 - 1],
-                        rng.integers(0, 2**32, 5000)]).astype(np.uint64)
+    rng = np.random.default_rng(longest)
+    hi = 2 ** (7 * longest) if longest < 5 else 2**32
+    edges = [x for x in (0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**32 - 1) if x < hi]
+    v = np.concatenate([edges, [hi - 1], rng.integers(0, hi, 5000)]).astype(np.uint64)
     bio = io.BytesIO()
     stream = CodedOutputStream(bio)
     for x in v.tolist():

@@ -162,9 +162,7 @@ def decode_varints(buf, nbytes):
     lmax = int(length.max())
     if lmax <= 4:
         words = np.ndarray(shape=(buf.size - 3,), dtype="<u4", buffer=buf, strides=(1,))
-        x = words[starts]
-        if lmax < 4:
-            x &= _MASK4[length]
+        x = words[starts] & _MASK4[length]  # drop the bytes of the following varints
         v = x & np.uint32(0x7F)
         for k in range(1, lmax):
             v |= (x >> np.uint32(k)) & np.uint32(0x7F << (7 * k))
