@@ -157,8 +157,10 @@ def decode_varints(buf, nbytes):
     ends = np.flatnonzero(buf[:nbytes] < 0x80)
     if ends.size == 0:
         return np.zeros(0, np.uint32), ends
-    length = np.diff(ends, prepend=-1)
-    starts = ends - (length - 1)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    np.add(ends[:-1], 1, out=starts[1:])
+    length = ends - starts + 1
     lmax = int(length.max())
     if lmax <= 4:
         words = np.ndarray(shape=(buf.size - 3,), dtype="<u4", buffer=buf, strides=(1,))
@@ -272,6 +274,10 @@ class BlockWalk:
         self.ignored = {"singles": 0, "triples": 0, "quadruples": 0, "extra_rows": 0}
 
 
+#: More module types than this in a block's list matrix means a corrupt stream.
+MAX_MODULE_TYPES = 1024
+
+
 def walk_blocks(tokens, position, remaining, num_types, max_count):
     """Walk complete stream items of event time blocks.
 
@@ -305,18 +311,13 @@ def walk_blocks(tokens, position, remaining, num_types, max_count):
     n = tokens.shape[0]
     lists = res.lists
     ignored = res.ignored
-
-    def length(q):
-        c = item(q)
-        if c > max_count:
-            raise CorruptStream(f"token {q}: length {c} exceeds what the rest of the file can hold")
-        return c
-
     p = position
     try:
         while True:
             if remaining == 0:
-                c = length(p)
+                c = item(p)
+                if c > max_count:
+                    raise CorruptStream(f"token {p}: stream batch of {c} items exceeds what the rest of the file can hold")
                 p += 1
                 if c == 0:
                     res.position, res.remaining, res.stop = p, 0, "end"
@@ -332,33 +333,54 @@ def walk_blocks(tokens, position, remaining, num_types, max_count):
             start, stop = item(p + 1), item(p + 2)
             q = p + 3
             new = []
-            skipped = dict.fromkeys(ignored, 0)
-            lists_of_singles = length(q)  # one list per module type
+            singles = extra = 0
+            rows = item(q)  # lists of singles, one per module type
             q += 1
-            for _ in range(lists_of_singles):
-                c = length(q)
-                skipped["singles"] += c
-                q += 1 + 2 * c
+            if rows:
+                if rows > MAX_MODULE_TYPES:
+                    raise CorruptStream(f"token {q - 1}: {rows} lists of single events")
+                for _ in range(rows):
+                    c = item(q)
+                    if c > max_count:
+                        raise CorruptStream(f"token {q}: list of {c} single events exceeds what the rest of the file can hold")
+                    singles += c
+                    q += 1 + 2 * c
             for kind in (PROMPT, DELAYED):
-                rows = length(q)
+                rows = item(q)
+                if rows > MAX_MODULE_TYPES:
+                    raise CorruptStream(f"token {q}: {rows} rows of coincidence lists")
                 q += 1
                 for i in range(rows):
-                    cols = length(q)
+                    cols = item(q)
+                    if cols > MAX_MODULE_TYPES:
+                        raise CorruptStream(f"token {q}: {cols} coincidence lists in a row")
                     q += 1
                     for j in range(cols):
-                        c = length(q)
+                        c = item(q)
+                        if c > max_count:
+                            raise CorruptStream(f"token {q}: list of {c} coincidences exceeds what the rest of the file can hold")
                         if i < num_types and j <= i:
                             new.append((kind, i, j, q + 1, c, start, stop))
                         else:
-                            skipped["extra_rows"] += c
+                            extra += c
                         q += 1 + 3 * c
-            for depth, key in ((3, "triples"), (4, "quadruples")):
-                q = _skip_nested(item, q, depth, skipped, key, length)
+            triples = quadruples = 0
+            if item(q):
+                q, triples = _skip_nested(item, q, 3, max_count)
+            else:
+                q += 1
+            if item(q):
+                q, quadruples = _skip_nested(item, q, 4, max_count)
+            else:
+                q += 1
             if q > n:
                 raise IndexError
             lists.extend(new)
-            for key, c in skipped.items():
-                ignored[key] += c
+            if singles or extra or triples or quadruples:
+                ignored["singles"] += singles
+                ignored["extra_rows"] += extra
+                ignored["triples"] += triples
+                ignored["quadruples"] += quadruples
             remaining -= 1
             res.num_blocks += 1
             p = q
@@ -368,19 +390,24 @@ def walk_blocks(tokens, position, remaining, num_types, max_count):
         return res
 
 
-def _skip_nested(item, q, depth, ignored, key, length):
-    """Skip ``depth`` nested vectors of 5-value events; return the position after them."""
-    n = length(q)
+def _skip_nested(item, q, depth, max_count):
+    """Skip ``depth`` nested vectors of 5-value events; return the position after them and the event count."""
+    n = item(q)
+    if n > (max_count if depth == 1 else MAX_MODULE_TYPES):
+        raise CorruptStream(f"token {q}: vector of {n} entries is implausible")
     q += 1
-    if depth == 1:
-        for _ in range(n):
-            c = length(q)
-            ignored[key] += c
-            q += 1 + 5 * c
-        return q
+    total = 0
     for _ in range(n):
-        q = _skip_nested(item, q, depth - 1, ignored, key, length)
-    return q
+        if depth == 1:
+            c = item(q)
+            if c > max_count:
+                raise CorruptStream(f"token {q}: list of {c} events exceeds what the rest of the file can hold")
+            total += c
+            q += 1 + 5 * c
+        else:
+            q, c = _skip_nested(item, q, depth - 1, max_count)
+            total += c
+    return q, total
 
 
 def gather_events(tokens, lists):

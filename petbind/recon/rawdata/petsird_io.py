@@ -765,23 +765,28 @@ def _check_events(where, geo, ev):
     """Refuse detection bins and TOF indices outside the header's ranges (per module type / pair)."""
     if len(ev) == 0:
         return
-    t = ev.module_types.astype(np.int64)
-    limit = geo.num_detection_bins[t]
-    bad = ev.detection_bins >= limit
-    if bad.any():
-        i, end = np.argwhere(bad)[0]
-        raise ValueError(
-            f"{where}: field 'detection_bins' out of range at event {ev.first_event + int(i)}: bin {int(ev.detection_bins[i, end])} "
-            f"of module type {int(t[i, end])}; expected < {int(limit[i, end])}"
-        )
-    ntof = geo.num_tof_bins[t[:, 0], t[:, 1]]
-    bad = ev.tof_idx >= ntof
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"{where}: field 'tof_idx' out of range at event {ev.first_event + i}: {int(ev.tof_idx[i])} for module types "
-            f"({int(t[i, 0])}, {int(t[i, 1])}); expected < {int(ntof[i])} (tof_bin_edges of that pair)"
-        )
+    t_count = geo.num_module_types
+    t = ev.module_types
+    for end in range(2):
+        for m in range(t_count):
+            sel = ev.detection_bins[:, end] if t_count == 1 else ev.detection_bins[t[:, end] == m, end]
+            limit = int(geo.num_detection_bins[m])
+            if sel.size and int(sel.max()) >= limit:
+                i = int(np.flatnonzero((ev.detection_bins[:, end] >= limit) & (t[:, end] == m))[0])
+                raise ValueError(
+                    f"{where}: field 'detection_bins' out of range at event {ev.first_event + i}: bin "
+                    f"{int(ev.detection_bins[i, end])} of module type {m}; expected < {limit}"
+                )
+    for a in range(t_count):
+        for c in range(t_count):
+            sel = ev.tof_idx if t_count == 1 else ev.tof_idx[(t[:, 0] == a) & (t[:, 1] == c)]
+            ntof = int(geo.num_tof_bins[a, c])
+            if sel.size and int(sel.max()) >= ntof:
+                i = int(np.flatnonzero((ev.tof_idx >= ntof) & (t[:, 0] == a) & (t[:, 1] == c))[0])
+                raise ValueError(
+                    f"{where}: field 'tof_idx' out of range at event {ev.first_event + i}: {int(ev.tof_idx[i])} for module types "
+                    f"({a}, {c}); expected < {ntof} (tof_bin_edges of that pair)"
+                )
     if np.any(ev.stop_ms < ev.time_ms):
         i = int(np.flatnonzero(ev.stop_ms < ev.time_ms)[0])
         raise ValueError(f"{where}: field 'time_interval' of the block of event {ev.first_event + i} ends before it starts")
@@ -869,7 +874,7 @@ class PetsirdReader:
             ...
     """
 
-    def __init__(self, path, chunk_events=1_000_000, bulk=None, window_bytes=1 << 21):
+    def __init__(self, path, chunk_events=1_000_000, bulk=None, window_bytes=1 << 19):
         self.path = os.fspath(path)
         self.chunk_events = int(chunk_events)
         self.window_bytes = max(1024, int(window_bytes))
@@ -1254,7 +1259,7 @@ class _StreamWriter:
             raise ValueError(f"{self.where}: event {i} is a {what} coincidence of module types {ev.module_types[i].tolist()}, "
                              f"which the header's {what}_event_policy or module types do not allow")
         run = np.cumsum(new_run) - 1
-        order = np.lexsort((slot, run))  # stable: file order inside each list
+        order = np.argsort(run * self.num_slots + slot, kind="stable")  # file order inside each list
         starts = np.flatnonzero(new_run)
         start_ms, stop_ms = ev.time_ms[starts], ev.stop_ms[starts]
         # other blocks go before the first event block that starts at or after them
@@ -1325,21 +1330,30 @@ class _StreamWriter:
 def _canonical_order(ev, geo, where):
     """Swap detections so that ``type_1 > type_2`` or ``bin_1 >= bin_2`` (PETSIRD's rule), mirroring TOF."""
     t, b = ev.module_types, ev.detection_bins
-    swap = (t[:, 0] < t[:, 1]) | ((t[:, 0] == t[:, 1]) & (b[:, 0] < b[:, 1]))
+    if geo.num_module_types == 1:
+        swap = b[:, 0] < b[:, 1]
+    else:
+        swap = (t[:, 0] < t[:, 1]) | ((t[:, 0] == t[:, 1]) & (b[:, 0] < b[:, 1]))
     if not swap.any():
         return ev
-    k = ev.tof_idx.astype(np.int64)
-    pair_t = np.sort(t[swap].astype(np.int64), axis=1)[:, ::-1]
-    for a, c in set(map(tuple, pair_t.tolist())):
+    t_count = geo.num_module_types
+    codes = [0] if t_count == 1 else np.unique(t[swap, 0].astype(np.int64) * t_count + t[swap, 1]).tolist()
+    for code in codes:
+        a, c = divmod(code, t_count)
         e = geo.tof_bin_edges_mm(a, c)
         if not np.allclose(e, -e[::-1], atol=1e-4 * max(1.0, float(np.abs(e).max()))):
             raise ValueError(f"{where}: events of module types ({a}, {c}) need swapping to PETSIRD's order, "
                              "but their TOF bins are not symmetric about 0, so the TOF bin cannot be mirrored")
-    ntof = geo.num_tof_bins[t[:, 0], t[:, 1]]
+    if t_count == 1:
+        ntof = np.uint32(geo.num_tof_bins[0, 0])
+        types = t
+    else:
+        ntof = geo.num_tof_bins[t[:, 0], t[:, 1]].astype(np.uint32)
+        types = np.where(swap[:, None], t[:, ::-1], t)
     return PetsirdEvents(
-        np.where(swap[:, None], t[:, ::-1], t),
+        types,
         np.where(swap[:, None], b[:, ::-1], b),
-        np.where(swap, ntof - 1 - k, k).astype(np.uint32),
+        np.where(swap, ntof - np.uint32(1) - ev.tof_idx, ev.tof_idx),
         ev.time_ms, ev.stop_ms, ev.is_prompt, ev.first_event,
     )
 
