@@ -165,7 +165,7 @@ def small_generator_file(tmp_path, monkeypatch):
 
 def test_generator_file_loads_with_two_module_types(small_generator_file, caplog):
     r = petsird.BinaryPETSIRDReader(str(small_generator_file))
-    r.read_header()
+    header = r.read_header()
     blocks = list(r.read_time_blocks())
     r.close()
     # the generator writes 3 rows of prompt lists for 2 module types (its row 1 twice)
@@ -173,6 +173,7 @@ def test_generator_file_loads_with_two_module_types(small_generator_file, caplog
     extra = sum(len(lst) for b in blocks for lst in b.value.prompt_events[2])
     with caplog.at_level(logging.WARNING):
         reader, ev = read_all(small_generator_file)
+    assert reader.header == header  # float32 vectors read in one piece: the package's values
     assert reader.geometry.num_module_types == 2 and not reader.is_ring
     assert reader.geometry.num_detectors == 6 * 6 + 4 * 8
     assert ev.equals(flatten(blocks)) and reader.num_events == len(ev) > 0
@@ -321,7 +322,7 @@ def test_round_trip_event_for_event(tmp_path, small_generator_file):
         assert [(s, b.value) for s, b in r2.other_blocks] == [(s, b.value) for s, b in r.other_blocks]
         _, ev3 = read_all(out, bulk=False)
         assert ev3.equals(ev)
-        # the bulk encoder writes exactly the bytes of the package's per-event writer
+        # the bulk encoder (and the one-piece float32 header vectors) write exactly the package's bytes
         ref = tmp_path / "ref.petsird"
         write_petsird_events(ref, r.header, [ev], r.other_blocks, bulk=False)
         assert ref.read_bytes() == out.read_bytes()

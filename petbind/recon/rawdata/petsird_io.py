@@ -807,6 +807,27 @@ def _other_block_cases():
     }
 
 
+_IO_CLASSES = None
+
+
+def _io_classes():
+    """The package's binary reader and writer with the header's float32 vectors in one piece."""
+    global _IO_CLASSES
+    if _IO_CLASSES is None:
+        petsird = _petsird()
+
+        class Reader(petsird.BinaryPETSIRDReader):
+            def _read_header(self):
+                return _bin.header_serializer().read(self._stream)
+
+        class Writer(petsird.BinaryPETSIRDWriter):
+            def _write_header(self, value):
+                _bin.header_serializer().write(self._stream, value)
+
+        _IO_CLASSES = Reader, Writer
+    return _IO_CLASSES
+
+
 def bulk_supported():
     """Whether the installed ``petsird`` package uses the schema the bulk codec decodes."""
     return _bin.schema_supported(_petsird().PETSIRDWriterBase.schema)
@@ -883,7 +904,7 @@ class PetsirdReader:
         petsird = _petsird()
         with open(self.path, "rb") as f:
             try:
-                reader = petsird.BinaryPETSIRDReader(f)
+                reader = _io_classes()[0](f)
             except Exception as exc:
                 raise ValueError(f"{self.path}: not a PETSIRD binary file ({type(exc).__name__}: {exc})") from exc
             try:
@@ -1223,7 +1244,7 @@ class _StreamWriter:
         for s, (kind, i, j) in enumerate(pairs):
             self.slot_of[kind, i, j] = s
         self.bulk = bulk
-        self.writer = petsird.BinaryPETSIRDWriter(f)
+        self.writer = (_io_classes()[1] if bulk else petsird.BinaryPETSIRDWriter)(f)
         self.writer.write_header(header)
         self.writer.write_time_blocks([])  # enter the stream state; writes nothing
         self.pending = None
