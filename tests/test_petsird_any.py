@@ -15,6 +15,7 @@ from petsird.helpers import get_detection_efficiency, make_detection_bin  # noqa
 from petsird.helpers import generator as gen  # noqa: E402
 from petsird.helpers.geometry import get_detecting_box  # noqa: E402
 
+from petbind.core.device import to_numpy  # noqa: E402
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout  # noqa: E402
 from petbind.recon.kernels.reference import back_reference  # noqa: E402
 from petbind.recon.listmode import histogram_listmode  # noqa: E402
@@ -351,7 +352,8 @@ def test_sinograms_and_hdf5_need_a_ring(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # listmode OSEM on a geometry that is not a ring
 # ------------------------------------------------------------------------------------------------
-def test_listmode_osem_on_two_module_types_matches_dense_oracle(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_listmode_osem_on_two_module_types_matches_dense_oracle(tmp_path, device):
     header = small_header()
     info = header.scanner
     from petbind.recon.rawdata.petsird_io import PetsirdGeometry
@@ -433,10 +435,10 @@ def test_listmode_osem_on_two_module_types_matches_dense_oracle(tmp_path):
         for s in range(subsets):
             As = A[s::subsets]
             x = np.where(sens > 0, x / np.where(sens > 0, sens / subsets, 1) * (As.T @ (1.0 / (As @ x))), 0.0)
-    rec = PetsirdListmodeOSEM(reader.geometry, grid, read_back, num_subsets=subsets, device="cpu")
-    np.testing.assert_allclose(sensitivity_image(reader.geometry, grid, device="cpu").ravel(), sens, rtol=2e-5,
+    rec = PetsirdListmodeOSEM(reader.geometry, grid, read_back, num_subsets=subsets, device=device)
+    np.testing.assert_allclose(to_numpy(sensitivity_image(reader.geometry, grid, device=device)).ravel(), sens, rtol=2e-5,
                                atol=1e-5 * sens.max())
-    img = rec.reconstruct(3, progress=False)
+    img = to_numpy(rec.reconstruct(3, progress=False))
     np.testing.assert_allclose(img.ravel(), x, rtol=1e-4, atol=1e-5 * x.max())
     # and it reconstructs the rods: more activity inside than outside
     assert img[2:5, 3:6].mean() > 3 * img[0:2].mean()
