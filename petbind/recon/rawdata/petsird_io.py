@@ -54,7 +54,8 @@ TOF and energy, per module-type pair
     PETSIRD and is read as 3).  ``eventEnergyBinEdges[t]`` (keV) is per
     module type.  For a ring scanner the energy bins are merged (the detector
     id ignores energy) and ``[edges[0], edges[-1]]`` becomes
-    ``ExamInfo.energy_window_kev``.
+    ``ExamInfo.energy_window_kev``; for other geometries that window spans
+    the edges of all module types.
 Corrections
     ``detectionBinEfficiencies`` <-> ``crystal_efficiencies`` (``None`` when
     all real crystals are 1), ``calibrationFactor`` <-> ``calibration_factor``,
