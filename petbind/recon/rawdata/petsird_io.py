@@ -1421,9 +1421,8 @@ def write_petsird_events(path, header, events, other_blocks=(), bulk=None):
         try:
             w.add_other_blocks(other_blocks)
             for ev in events:
-                ev = _canonical_order(ev, w.geometry, where)
                 _check_events(where, w.geometry, ev)
-                w.write(ev)
+                w.write(_canonical_order(ev, w.geometry, where))
             w.close()
         except BaseException:
             w.abort()
