@@ -160,11 +160,18 @@ def test_read_foreign_ring_scanner(tmp_path, num_energy_bins):
     assert np.all(np.diff(phi) > 0)
 
 
-def test_refuses_two_module_types_and_corrupt_files(tmp_path):
+def test_two_module_types_load_but_ring_apis_refuse_and_corrupt_files(tmp_path, capsys):
     path = tmp_path / "two.petsird"
     foreign_file(path, 1, module_types=2)
-    with pytest.raises(ValueError, match="two.petsird.*replicated_modules"):
-        PetsirdReader(path)
+    r = PetsirdReader(path)  # any geometry loads
+    assert not r.is_ring and r.geometry.num_module_types == 2
+    for attempt in (lambda: r.scanner, lambda: r.tof, lambda: next(r.chunks())):
+        with pytest.raises(ValueError, match="two.petsird.*replicated_modules.*2 module types"):
+            attempt()
+    # petbind HDF5 stores a ring scanner: the CLI says why it cannot convert and leaves no file
+    assert convert_main([str(path), str(tmp_path / "two.h5"), "--quiet"]) == 2
+    assert "2 module types" in capsys.readouterr().err
+    assert not (tmp_path / "two.h5").exists()
     src, mid = tmp_path / "a.h5", tmp_path / "a.petsird"
     make_h5(src, None, n=2000)
     convert_main([str(src), str(mid), "--quiet"])

@@ -461,10 +461,24 @@ def effective_resolution(layout, grid, psf, options, tof=None):
     from petbind.recon.resolution import measure_resolution
 
     true = getattr(layout.scanner, "resolution_fwhm_mm", None)
+    memo = (layout.scanner.name, layout.shape, layout.scanner.num_detectors, tuple(grid.shape),
+            tuple(grid.voxel_size_mm), tuple(grid.origin_mm), _hashable(psf), _hashable(true),
+            int(options.iterations), int(options.subsets), tof is not None)
+    if memo in _RESOLUTION_MEMO:
+        return dict(_RESOLUTION_MEMO[memo])
     half = 0.35 * min(float(grid.shape[0] * grid.voxel_size_mm[0]), float(grid.shape[1] * grid.voxel_size_mm[1]))
     res = measure_resolution(layout, grid, true, psf_fwhm_mm=psf, num_iterations=options.iterations,
                              num_subsets=options.subsets, tof=tof,
                              positions_mm=((0.0, 0.0, 0.0), (0.5 * half, 0.0, 0.0)),
                              background_radius_mm=half * 1.4, device=options.device)
     res["scanner_fwhm_mm"] = true
+    _RESOLUTION_MEMO[memo] = dict(res)
     return res
+
+
+#: Effective resolutions measured in this process (the same settings give the same answer).
+_RESOLUTION_MEMO = {}
+
+
+def _hashable(v):
+    return None if v is None else tuple(np.atleast_1d(np.asarray(v, float)).tolist())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
+    "DetectorArray",
     "ImageGrid",
     "Scanner",
     "SinogramLayout",
@@ -314,6 +315,72 @@ class Scanner:
             f"{f' ({gaps} gaps)' if gaps else ''}, num_rings={self.num_rings}, "
             f"radius_mm={self.radius_mm:.1f}, axial_fov_mm={np.ptp(self.ring_z_mm):.1f})"
         )
+
+
+class DetectorArray:
+    """Detectors at arbitrary positions: any geometry, not only rings.
+
+    Listmode projection needs only the detector centres, so this is enough
+    for :class:`~petbind.recon.projector.ListmodeProjector` and listmode OSEM
+    on geometries that are not a ring (several module types, partial rings,
+    flat panels, depth-of-interaction layers).  Sinograms need a
+    :class:`Scanner`.
+
+    Parameters
+    ----------
+    positions_mm : ndarray, shape (num_detectors, 3)
+        Detector centres (mm), indexed by detector id.
+    mask : ndarray of bool, shape (num_detectors,), optional
+        ``False`` for detectors that never detect.
+    name : str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> det = DetectorArray(np.array([[-50.0, 0, 0], [50.0, 0, 0], [0, 50.0, 0]]), name="three")
+    >>> det.num_detectors
+    3
+    """
+
+    def __init__(self, positions_mm, mask=None, name="detectors"):
+        pos = np.ascontiguousarray(positions_mm, dtype=np.float64)
+        if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] < 2:
+            raise ValueError(f"positions_mm must have shape (num_detectors >= 2, 3); got {pos.shape}")
+        if not np.all(np.isfinite(pos)):
+            raise ValueError("positions_mm must be finite")
+        if mask is None:
+            mask = np.ones(pos.shape[0], dtype=bool)
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if mask.shape[0] != pos.shape[0]:
+            raise ValueError(f"mask must have one entry per detector ({pos.shape[0]}); got {mask.shape[0]}")
+        self.positions_mm = pos
+        self.mask = mask
+        self.name = str(name)
+
+    @property
+    def num_detectors(self):
+        return int(self.positions_mm.shape[0])
+
+    def detector_positions_mm(self):
+        """Centres of all detectors, shape ``(num_detectors, 3)`` in mm, ordered by id."""
+        return self.positions_mm
+
+    def detector_mask(self):
+        """``True`` for detectors that detect; shape ``(num_detectors,)``."""
+        return self.mask
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, DetectorArray)
+            and self.positions_mm.shape == other.positions_mm.shape
+            and np.allclose(self.positions_mm, other.positions_mm)
+            and np.array_equal(self.mask, other.mask)
+        )
+
+    def __repr__(self):
+        lo, hi = self.positions_mm.min(axis=0), self.positions_mm.max(axis=0)
+        box = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi))
+        return f"DetectorArray(name={self.name!r}, num_detectors={self.num_detectors}, extent_mm=({box}))"
 
 
 def _ring_positions(num_rings, ring_spacing_mm):

@@ -31,7 +31,7 @@ import numpy as np
 
 from petbind.recon import kernels
 from petbind.core.device import array_module, get_cupy, resolve_device, to_numpy
-from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
+from petbind.recon.geometry import DetectorArray, ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.operators import LinearOperator
 
 log = logging.getLogger(__name__)
@@ -347,10 +347,13 @@ class ListmodeProjector(Projector):
 
     Parameters
     ----------
-    scanner : Scanner
+    scanner : Scanner or DetectorArray
+        A ring scanner, or detectors at any positions.
     grid : ImageGrid
     detector_ids : ndarray of int, shape (num_events, 2)
-        Detector ids of both ends (``ring * crystals_per_ring + crystal``).
+        Detector ids of both ends (``ring * crystals_per_ring + crystal`` for
+        a :class:`Scanner`, the row of ``positions_mm`` for a
+        :class:`DetectorArray`).
     tof_bins : ndarray of int, shape (num_events,), optional
         Each event's TOF bin; required when ``tof`` is given.
     tof : TOFParameters, optional
@@ -363,8 +366,8 @@ class ListmodeProjector(Projector):
     """
 
     def __init__(self, scanner, grid, detector_ids, tof_bins=None, tof=None, device="auto"):
-        if not isinstance(scanner, Scanner):
-            raise TypeError(f"scanner must be a Scanner; got {type(scanner).__name__}")
+        if not isinstance(scanner, (Scanner, DetectorArray)):
+            raise TypeError(f"scanner must be a Scanner or DetectorArray; got {type(scanner).__name__}")
         super().__init__(grid, tof, device)
         ids = np.asarray(to_numpy(detector_ids))
         if ids.ndim != 2 or ids.shape[1] != 2:
