@@ -5,7 +5,10 @@ Conventions (stated once, used everywhere in ``recon``)
 * Lengths are millimetres, times of flight picoseconds (converted to mm with
   ``c / 2``).
 * The scanner axis is ``z``.  Scanner coordinates are taken to coincide with
-  NIfTI RAS+ world coordinates (patient head-first supine, no table offset).
+  NIfTI RAS+ world coordinates (patient head-first supine, no table offset):
+  looking into the gantry from the bed, ``+x`` left, ``+y`` up, ``+z`` into the
+  gantry.  STIR's gantry frame is this one reflected through the scanner
+  centre (``petbind.recon.rawdata.stir``).
 * Image arrays are indexed ``(x, y, z)`` and stored C-contiguous, so ``z`` is
   the fastest-varying index in memory: ``flat = (i * ny + j) * nz + k``.
 * ``origin_mm`` is the centre of voxel ``(0, 0, 0)``; voxel ``(i, j, k)`` has

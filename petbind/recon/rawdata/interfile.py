@@ -722,6 +722,8 @@ def write_interfile_sinogram(path, data, layout, exam=None, tof=None, frame_star
     ]
     if exam is not None and exam.isotope:
         lines += ["number of radionuclides := 1", f"radionuclide name[1] := {exam.isotope}"]
+        if math.isfinite(exam.half_life_s):
+            lines.append(f"radionuclide halflife (sec)[1] := {exam.half_life_s!r}")
     lines += [
         "!PET STUDY (General) :=",
         "!PET data type := Emission",
