@@ -170,3 +170,15 @@ def test_arc_corrected_view_mashed_stir_data_reconstruct_with_their_own_lors(tmp
     assert np.linalg.norm(pos[:2] - hot[:2]) < 6.0 + 1e-6
     side = json.loads((tmp_path / "u.json").read_text())
     assert "SinogramLayout" not in side and "arc correction" in side["Notes"][0]
+
+
+def test_petsird_input(scan, tmp_path):
+    from petbind.recon.rawdata.convert import convert
+
+    src = tmp_path / "lm.petsird"
+    convert(str(scan["listmode"]), str(src), quiet=True)
+    out = tmp_path / "p.nii.gz"
+    assert main([str(src), "--out", str(out), "--iterations", "3", "--subsets", "4", "--device", "cpu", "--quiet"]) == 0
+    pos, a = _hot_spot_mm(out)
+    assert np.linalg.norm(pos[:2] - HOT_MM[:2]) < 9.8 + 1e-6
+    assert json.loads((tmp_path / "p.json").read_text())["InputFormat"] == "PETSIRD"

@@ -203,8 +203,8 @@ def _open_interfile(path):
         from petbind.recon.rawdata.hdf5 import ExamInfo  # noqa: PLC0415
 
         src.exam = ExamInfo(tracer=str(h.get("radiopharmaceutical", "") or ""), isotope=isotope, half_life_s=half_life)
-    applied = [str(c).strip().lower() for c in (h.get("applied corrections") or [])]
-    applied = applied if isinstance(h.get("applied corrections"), list) else [str(h.get("applied corrections", "")).lower()]
+    applied = h.get("applied corrections") or []
+    applied = [str(c).strip().lower() for c in (applied if isinstance(applied, list) else [applied])]
     src.notes.append(f"STIR 'applied corrections': {', '.join(a for a in applied if a) or 'none'}")
     return src
 

@@ -582,7 +582,7 @@ def read_interfile_sinogram(path, scanner=None, layout=None):
             layout = pd.default_layout()
             if scanner is not None:
                 layout = SinogramLayout(scanner, layout.num_radial, layout.max_ring_difference, layout.span)
-        span, mrd = pd.span_and_max_ring_difference(path)
+        pd.span_and_max_ring_difference(path)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}" if not str(exc).startswith(path) else str(exc)) from None
     sc = layout.scanner

@@ -367,8 +367,9 @@ class MMRListmode:
             if lo > -np.inf or hi < np.inf:
                 keep = (t >= lo) & (t < hi)
                 if not keep.all():
+                    # the kept events are contiguous (times do not decrease): report the first one's index
+                    first_event += int(np.argmax(keep)) if keep.any() else 0
                     ids, prompt, t = ids[keep], prompt[keep], t[keep]
-                    first_event = -1  # events of the chunk are no longer contiguous
             if t.size:
                 yield ListmodeChunk(ids, None, t, prompt, first_event)
             if current >= hi:

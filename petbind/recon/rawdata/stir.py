@@ -106,7 +106,7 @@ class StirScannerInfo:
 
     Lengths in mm.  ``gap_detectors`` lists STIR detector numbers modulo
     ``gap_period`` that hold no crystal (the mMR's virtual crystal between
-    blocks; found empty in real mMR listmode, see ``stir_gap_phase`` in the tests).
+    blocks; never hit in real mMR listmode, see ``test_no_event_on_a_gap_crystal``).
     """
 
     name: str
