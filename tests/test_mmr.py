@@ -243,3 +243,14 @@ def test_bad_address_and_missing_data_file(tmp_path):
     (tmp_path / "x.l").unlink()
     with pytest.raises(ValueError, match="name of data file"):
         MMRListmode(hdr)
+
+
+def test_siemens_header_with_a_windows_path_or_no_data_file_name(tmp_path):
+    """Siemens' own .l.hdr names the data file with the acquisition computer's path, or not at all."""
+    _stream(tmp_path, [0x80000000 | 3, _address(1, 2, 3, 4) | 0x40000000])
+    text = (tmp_path / "x.l.hdr").read_text()
+    (tmp_path / "x.l.hdr").write_text(text.replace("name of data file := x.l", "name of data file:=C:\\\\Service\\\\x.l"))
+    assert MMRListmode(tmp_path / "x.l.hdr").data_path == str(tmp_path / "x.l")
+    (tmp_path / "x.l.hdr").write_text("\n".join(ln for ln in text.splitlines() if "name of data file" not in ln))
+    lm = MMRListmode(tmp_path / "x.l.hdr")
+    assert lm.data_path == str(tmp_path / "x.l") and len(next(lm.chunks())) == 1
