@@ -5,7 +5,10 @@ Conventions (stated once, used everywhere in ``recon``)
 * Lengths are millimetres, times of flight picoseconds (converted to mm with
   ``c / 2``).
 * The scanner axis is ``z``.  Scanner coordinates are taken to coincide with
-  NIfTI RAS+ world coordinates (patient head-first supine, no table offset).
+  NIfTI RAS+ world coordinates (patient head-first supine, no table offset):
+  looking into the gantry from the bed, ``+x`` left, ``+y`` up, ``+z`` into the
+  gantry.  STIR's gantry frame is this one reflected through the scanner
+  centre (``petbind.recon.rawdata.stir``).
 * Image arrays are indexed ``(x, y, z)`` and stored C-contiguous, so ``z`` is
   the fastest-varying index in memory: ``flat = (i * ny + j) * nz + k``.
 * ``origin_mm`` is the centre of voxel ``(0, 0, 0)``; voxel ``(i, j, k)`` has
@@ -196,7 +199,7 @@ class Scanner:
         """
         phi = 2 * np.pi * np.arange(int(crystals_per_ring)) / int(crystals_per_ring)
         xy = float(radius_mm) * np.stack([np.cos(phi), np.sin(phi)], axis=1)
-        return cls(xy, _ring_positions(num_rings, ring_spacing_mm), name=name)
+        return cls(xy, ring_positions(num_rings, ring_spacing_mm), name=name)
 
     @classmethod
     def polygon(
@@ -238,7 +241,7 @@ class Scanner:
             tangent = np.array([-np.sin(phi), np.cos(phi)])
             xy.append(centre[None, :] + offsets[:, None] * tangent[None, :])
             mask.append(np.arange(n_pos) < int(crystals_per_module))
-        return cls(np.concatenate(xy), _ring_positions(num_rings, ring_spacing_mm), np.concatenate(mask), name=name)
+        return cls(np.concatenate(xy), ring_positions(num_rings, ring_spacing_mm), np.concatenate(mask), name=name)
 
     @classmethod
     def mmr(cls):
@@ -383,7 +386,8 @@ class DetectorArray:
         return f"DetectorArray(name={self.name!r}, num_detectors={self.num_detectors}, extent_mm=({box}))"
 
 
-def _ring_positions(num_rings, ring_spacing_mm):
+def ring_positions(num_rings, ring_spacing_mm):
+    """Axial centres (mm) of ``num_rings`` rings ``ring_spacing_mm`` apart, centred on z = 0."""
     n = int(num_rings)
     if n < 1:
         raise ValueError(f"num_rings must be >= 1; got {num_rings}")
