@@ -104,10 +104,10 @@ def fit_bp(tacs, names, ref, fs, fe, model):
     return dict(zip(targets, np.asarray(res.parameters["bp_nd"], float).reshape(-1)))
 
 
-def gtm_tacs(images, labels, names, atlas, fwhm, voxel):
+def gtm_tacs(images, labels, names, atlas, fwhm, voxel, fractions=None):
     from petbind.quant.pvc import GaussianPSF, gtm_correct, gtm_matrix
 
-    gtm = gtm_matrix(labels, atlas.names, GaussianPSF(fwhm, voxel))
+    gtm = gtm_matrix(labels, atlas.names, GaussianPSF(fwhm, voxel), fractions=fractions)
     res = gtm_correct(images, labels, gtm)
     return np.stack([np.asarray(res.values[res.region_names.index(n)]) for n in names])
 
@@ -123,14 +123,15 @@ def main(argv=None):
     p.add_argument("--sensitivity", type=float, default=10.0, help="cps/kBq (count level of the Poisson stage)")
     p.add_argument("--effect", type=float, default=0.2, help="drug effect in every region (fraction)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--psf", default="both", choices=("both", "on", "off"), help="OSEM resolution model")
+    p.add_argument("--noise", default="both", choices=("both", "expected", "poisson"))
     p.add_argument("--min-ml", type=float, default=0.0, help="only regions of at least this volume")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from petbind.quant.io import Atlas
-    from petbind.quant.pvc import GaussianPSF
     from petbind.recon.osem import SinogramOSEM
-    from petbind.recon.resolution import measure_resolution
+    from petbind.recon.resolution import matched_resolution, measure_resolution
     from petbind.recon.system import GaussianFilter
 
     t0 = time.time()
@@ -166,6 +167,12 @@ def main(argv=None):
     t = time.time()
     record("blur+gtm(true)", [gtm_tacs(im, labels, names, atlas, args.scanner_fwhm_mm, grid.voxel_size_mm)
                               for im in blurred], t)
+    fractions = {n: on.fractions[i] for i, n in on.label_table.items() if i > 0}
+    t = time.time()
+    record("blur+gtmfrac(true)", [gtm_tacs(im, labels, names, atlas, args.scanner_fwhm_mm, grid.voxel_size_mm,
+                                           fractions) for im in blurred], t)
+    rng = np.random.default_rng(11)
+    test_object = sum(float(rng.uniform(1.0, 3.0)) * f for f in fractions.values()).astype(np.float32)
 
     # reconstruction of expected and Poisson counts with the true corrections
     from petbind.core.decay import decay_integral
@@ -179,16 +186,20 @@ def main(argv=None):
     for si, tac in enumerate(b["tacs"]):
         data.append(sim.simulate_sinograms(BasisActivity(b["basis"], tac), fs, fe, seed=100 + si))
     timings["simulate"] = time.time() - t
-    for psf_model in (None, args.scanner_fwhm_mm):
+    for psf_model in ((None, args.scanner_fwhm_mm) if args.psf == "both" else
+                      ((None,) if args.psf == "off" else (args.scanner_fwhm_mm,))):
         rec = SinogramOSEM(b["layout"], grid, multiplicative=m0, resolution_fwhm_mm=psf_model,
                            num_subsets=args.subsets, device="cpu")
         tag = "psf" if psf_model else "nopsf"
         t = time.time()
         res = measure_resolution(b["layout"], grid, args.scanner_fwhm_mm, psf_fwhm_mm=psf_model,
                                  num_iterations=max(args.iterations), num_subsets=args.subsets, device="cpu")
-        log.warning("%s measured FWHM at %d it: %s", tag, max(args.iterations), res["fwhm_mm"])
+        matched = matched_resolution(b["layout"], grid, args.scanner_fwhm_mm, test_object, psf_fwhm_mm=psf_model,
+                                     num_iterations=max(args.iterations), num_subsets=args.subsets, device="cpu")
+        log.warning("%s at %d it: point-source FWHM %s, matched FWHM %.2f (rms %.3f)", tag, max(args.iterations),
+                    np.round(res["fwhm_mm"], 2).tolist(), matched["fwhm_mm"][0], matched["relative_rms"])
         timings[f"resolution-{tag}"] = time.time() - t
-        for kind in ("expected", "poisson"):
+        for kind in (("expected", "poisson") if args.noise == "both" else (args.noise,)):
             t = time.time()
             per_iter = {it: [] for it in args.iterations}
             for si, d in enumerate(data):
@@ -212,8 +223,11 @@ def main(argv=None):
                 tt = time.time()
                 record(stage, [atlas_means(im, labels, names, on) for im in per_iter[it]], tt)
                 if it == max(args.iterations):
-                    record(stage + "+gtm", [gtm_tacs(im, labels, names, atlas, res["fwhm_mm"], grid.voxel_size_mm)
-                                            for im in per_iter[it]], tt)
+                    record(stage + "+gtm(points)", [gtm_tacs(im, labels, names, atlas, res["fwhm_mm"],
+                                                             grid.voxel_size_mm) for im in per_iter[it]], tt)
+                    record(stage + "+gtmfrac(matched)", [gtm_tacs(im, labels, names, atlas, matched["fwhm_mm"],
+                                                                  grid.voxel_size_mm, fractions)
+                                                         for im in per_iter[it]], tt)
             timings[f"recon-{kind}-{tag}"] = time.time() - t
 
     # ---- tables

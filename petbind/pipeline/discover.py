@@ -28,7 +28,7 @@ from petbind.core.frames import Frames
 from petbind.pipeline.options import StudyInputError
 
 __all__ = ["Session", "StudyPlan", "find_sessions", "read_participants", "read_session_frames", "load_atlas",
-           "check_scan_length", "validate_study", "RAW_SUFFIXES"]
+           "check_scan_length", "validate_study", "load_probseg", "RAW_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class Session:
         PET-BIDS JSON beside the raw file.
     atlas, atlas_tsv : Path
         Label image (the reconstruction grid) and label table.
+    probseg : Path or None
+        Optional 4-D tissue-fraction image beside the atlas
+        (``sub-XX_atlas_probseg.nii.gz``, one volume per region of the label
+        table, by increasing label index): partial-volume correction then models voxels that mix tissues.
     """
 
     subject: str
@@ -68,6 +72,7 @@ class Session:
     sidecar: Path
     atlas: Path
     atlas_tsv: Path
+    probseg: Path | None = None
 
     @property
     def stem(self):
@@ -156,8 +161,10 @@ def find_sessions(study_dir, acq=None, run=None):
             continue
         stem, (raw, kind) = chosen
         anat = study_dir / subject / "anat"
+        probseg = anat / f"{subject}_atlas_probseg.nii.gz"
         out.append(Session(subject, session, raw, kind, pet_dir / f"{stem}_pet.json",
-                           anat / f"{subject}_atlas.nii.gz", anat / f"{subject}_atlas.tsv"))
+                           anat / f"{subject}_atlas.nii.gz", anat / f"{subject}_atlas.tsv",
+                           probseg if probseg.exists() else None))
     if not out:
         raise StudyInputError(
             f"{study_dir}: no raw PET data found (expected sub-*/ses-*/pet/*{' or *'.join(RAW_SUFFIXES)})")
@@ -300,6 +307,38 @@ def load_atlas(session):
         raise StudyInputError(f"{session.atlas}: {exc}" if str(session.atlas) not in str(exc) else str(exc)) from None
 
 
+def load_probseg(session, atlas):
+    """Tissue fractions per region (name -> 3-D array) from the session's probseg file, or None.
+
+    Raises
+    ------
+    StudyInputError
+        A file that does not match the atlas grid and table, or fractions
+        outside [0, 1] or summing to more than 1 in a voxel.
+    """
+    if session.probseg is None:
+        return None
+    import nibabel as nib
+
+    path = session.probseg
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (OSError, EOFError, ValueError) as exc:
+        raise StudyInputError(f"{path}: not a readable NIfTI image ({' '.join(str(exc).split())})") from None
+    names = atlas.region_names
+    if data.ndim != 4 or data.shape[:3] != atlas.labels.shape or data.shape[3] != len(names):
+        raise StudyInputError(f"{path}: shape {data.shape}; expected {atlas.labels.shape + (len(names),)} "
+                              f"(one volume per region of {session.atlas_tsv.name}, by increasing label index)")
+    if not np.allclose(img.affine, atlas.affine, atol=1e-3):
+        raise StudyInputError(f"{path}: affine differs from the atlas {session.atlas.name}")
+    if not np.all(np.isfinite(data)) or data.min() < -1e-6 or data.max() > 1 + 1e-4:
+        raise StudyInputError(f"{path}: tissue fractions must be finite and within [0, 1]")
+    if float(data.sum(axis=3).max()) > 1 + 1e-3:
+        raise StudyInputError(f"{path}: the fractions of a voxel sum to more than 1")
+    return {n: np.clip(data[..., k], 0.0, 1.0) for k, n in enumerate(names)}
+
+
 def open_raw(session):
     """Open a session's raw file (header and corrections; events stay on disk)."""
     try:
@@ -401,6 +440,7 @@ def validate_study(study_dir, options):
                 raise StudyInputError(f"{s.atlas_tsv}: --regions {unknown} are not in the atlas")
             if not np.any(atlas.labels == atlas.index_of(options.reference)):
                 raise StudyInputError(f"{s.atlas}: reference region '{options.reference}' has no voxels")
+            load_probseg(s, atlas)
             atlases[s.subject] = atlas
     return StudyPlan(study_dir, sessions, groups, participants if participants.exists() else None,
                      (study_dir / "ground_truth.tsv").exists())

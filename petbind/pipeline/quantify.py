@@ -68,8 +68,12 @@ def _pvc_record(method, psf, uncorrected=()):
             "ReferenceRegionCorrected": True, "UncorrectedRegions": list(uncorrected)}
 
 
-def write_tacs(pet, atlas, regions, out_path, options, provenance, progress=False):
-    """Regional TACs (PVC as set) to a PET-BIDS TSV plus sidecar; returns the table."""
+def write_tacs(pet, atlas, regions, out_path, options, provenance, progress=False, fractions=None):
+    """Regional TACs (PVC as set) to a PET-BIDS TSV plus sidecar; returns the table.
+
+    ``fractions`` (region -> tissue-fraction map) makes the GTM model voxels
+    that mix tissues (:func:`petbind.quant.pvc.gtm_matrix`).
+    """
     from petbind.quant.io import write_tacs_tsv
     from petbind.quant.tacs import tacs_from_image
 
@@ -82,12 +86,15 @@ def write_tacs(pet, atlas, regions, out_path, options, provenance, progress=Fals
     if pvc == "none":
         table = tacs_from_image(pet, atlas, regions, progress=progress)
     else:
-        from petbind.quant.pvc import pvc_tacs
+        from petbind.quant.pvc import gtm_matrix, pvc_tacs
 
         psf = psf_for_pvc(pet.sidecar, options, pet.affine, pet.path)
-        table = pvc_tacs(pet, atlas, psf, method="gtm", regions=regions, progress=progress)
+        gtm = gtm_matrix(atlas.labels, atlas.names, psf, fractions=fractions)
+        table = pvc_tacs(pet, atlas, psf, method="gtm", regions=regions, gtm=gtm, progress=progress)
         side["Description"] += ", partial-volume corrected (GTM)"
         side["PartialVolumeCorrection"] = _pvc_record("gtm", psf)
+        side["PartialVolumeCorrection"]["TissueFractions"] = ("tissue-fraction maps (probseg)" if fractions
+                                                              else "atlas labels")
     for key in ("TracerRadionuclide", "TracerName", "InjectedRadioactivity", "InjectedRadioactivityUnits"):
         if key in pet.sidecar:
             side[key] = pet.sidecar[key]

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from petbind.core.files import atomic_output, read_json, sidecar_path_for, write_json
-from petbind.pipeline.discover import load_atlas, validate_study
+from petbind.pipeline.discover import load_atlas, load_probseg, validate_study
 from petbind.pipeline.options import PipelineOptions, StudyInputError, provenance, stage_key
 from petbind.pipeline.quantify import session_regions, write_fit, write_maps, write_tacs
 from petbind.pipeline.reconstruct import reconstruct_session
@@ -132,6 +132,8 @@ def process_session(session, deriv_dir, options, progress=True):
     stages = {}
 
     inputs = [session.raw, session.sidecar, session.atlas, session.atlas_tsv]
+    if session.probseg is not None:
+        inputs.append(session.probseg)
     recon_key, rec = stage_key("recon", options.stage_settings("recon"), [p for p in inputs if p.exists()])
     pet = None
     if not options.force and _stored_key(pet_path) == recon_key:
@@ -147,7 +149,8 @@ def process_session(session, deriv_dir, options, progress=True):
         pet = _load_pet(pet_path)
         stages["recon"] = "done"
 
-    tacs_key, rec = stage_key("tacs", options.stage_settings("tacs"), [session.atlas, session.atlas_tsv], recon_key)
+    atlas_files = [p for p in (session.atlas, session.atlas_tsv, session.probseg) if p is not None]
+    tacs_key, rec = stage_key("tacs", options.stage_settings("tacs"), atlas_files, recon_key)
     table = None
     if not options.force and stages["recon"] == "reused" and _stored_key(tacs_path) == tacs_key:
         try:
@@ -158,7 +161,8 @@ def process_session(session, deriv_dir, options, progress=True):
         except (ValueError, OSError):
             table = None
     if table is None:
-        table = write_tacs(pet, atlas, regions, tacs_path, options, provenance(tacs_key, rec), progress=False)
+        table = write_tacs(pet, atlas, regions, tacs_path, options, provenance(tacs_key, rec), progress=False,
+                           fractions=load_probseg(session, atlas))
         stages["tacs"] = "done"
 
     fit_key, rec = stage_key("fit", options.stage_settings("fit"), (), tacs_key)

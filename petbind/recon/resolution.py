@@ -21,7 +21,7 @@ from petbind.core.device import to_numpy
 from petbind.recon.osem import SinogramOSEM
 from petbind.recon.system import SystemModel
 
-__all__ = ["fit_gaussian_fwhm", "measure_resolution", "FWHM_PER_SIGMA"]
+__all__ = ["fit_gaussian_fwhm", "measure_resolution", "matched_resolution", "FWHM_PER_SIGMA"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +157,65 @@ def _full_projector(layout, grid, tof, device):
     from petbind.recon.projector import SinogramProjector
 
     return SinogramProjector(layout, grid, tof=tof, device=device)
+
+
+def matched_resolution(layout, grid, true_fwhm_mm, test_object, psf_fwhm_mm=None, num_iterations=4, num_subsets=8,
+                       tof=None, mask=None, device="auto", fwhm_range_mm=(0.5, 30.0)):
+    """Effective FWHM of OSEM for extended objects: the Gaussian that best maps truth to reconstruction.
+
+    Point sources converge more slowly under OSEM than extended regions, so
+    their FWHM overstates the blur that regional means see (most of all with
+    a resolution model in the reconstruction).  Here a piecewise-smooth test
+    object of brain size is projected with the scanner's resolution,
+    reconstructed noise-free with a study's settings, and the isotropic
+    Gaussian FWHM ``f`` minimising ``|| recon - blur_f(object) ||²`` over
+    ``mask`` is returned: the resolution at which a GTM built from the
+    atlas reproduces the reconstruction.
+
+    Parameters
+    ----------
+    layout, grid : SinogramLayout, ImageGrid
+    true_fwhm_mm : float or sequence of 3 float or None
+        The scanner's resolution used to make the data.
+    test_object : ndarray, shape grid.shape
+        Non-negative activity (e.g. an atlas with region values).
+    psf_fwhm_mm : optional
+        The reconstruction's resolution model.
+    num_iterations, num_subsets : int
+        As in the study.
+    tof : TOFParameters, optional
+    mask : ndarray of bool, optional
+        Voxels compared (default: where the object is positive).
+    device : {"auto", "cpu", "gpu"}
+    fwhm_range_mm : (float, float)
+        Search interval of ``f``.
+
+    Returns
+    -------
+    dict
+        ``fwhm_mm`` (isotropic, as a triple), ``relative_rms`` (misfit over
+        the mask, relative to the mean object value there).
+    """
+    from petbind.recon.system import GaussianFilter
+
+    obj = np.asarray(test_object, dtype=np.float32)
+    if obj.shape != tuple(grid.shape) or not np.all(np.isfinite(obj)) or np.any(obj < 0):
+        raise ValueError(f"test_object must be finite, >= 0 and of shape {tuple(grid.shape)}")
+    mask = obj > 0 if mask is None else np.asarray(mask, bool)
+    physics = SystemModel(_full_projector(layout, grid, tof, device), resolution=true_fwhm_mm, grid=grid)
+    rec = SinogramOSEM(layout, grid, tof=tof, resolution_fwhm_mm=psf_fwhm_mm, num_subsets=num_subsets,
+                       device=device)
+    xp = rec.xp
+    y = physics.forward(xp.asarray(obj))
+    x0 = xp.full(grid.shape, float(obj[mask].mean()), dtype=xp.float32)
+    recon = np.asarray(to_numpy(rec.reconstruct(y, num_iterations, x0=x0, progress=False)), dtype=np.float64)
+
+    def misfit(f):
+        blurred = np.asarray(to_numpy(GaussianFilter(grid, f).forward(obj)), dtype=np.float64)
+        return float(np.mean((recon[mask] - blurred[mask]) ** 2))
+
+    opt = optimize.minimize_scalar(misfit, bounds=fwhm_range_mm, method="bounded", options={"xatol": 0.02})
+    f = float(opt.x)
+    rel = math.sqrt(opt.fun) / float(obj[mask].mean())
+    log.info("matched effective resolution %.2f mm (relative rms misfit %.3f)", f, rel)
+    return {"fwhm_mm": [f, f, f], "relative_rms": rel}
