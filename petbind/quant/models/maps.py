@@ -19,7 +19,6 @@ from petbind.quant.models._core import (
     warn_status,
 )
 from petbind.quant.models.fit import (
-    MODELS,
     UNITS,
     _check_model,
     _check_options,
@@ -29,6 +28,7 @@ from petbind.quant.models.fit import (
     resolve_tstar,
     run_batch,
 )
+from petbind.quant.models.registry import MODELS, get_model
 from petbind.quant.models.srtm import SRTM_LOWER, SRTM_UPPER, fit_srtm_nls
 
 logger = logging.getLogger("petbind.quant.models")
@@ -249,7 +249,8 @@ def parametric_maps(
     w = make_weights(weights, frames, ref, half_life_min)
     tstar = resolve_tstar(model, frames, tstar_min, w)
     k2p = resolve_k2prime(model, k2prime_per_min)
-    grid = _grid_from_options(options) if model != "mrtm" else None
+    spec = get_model(model)
+    grid = _grid_from_options(options) if spec.uses_grid else None
     refine = bool(options.get("refine", True))
     chunk = int(options.get("chunk_size", 16384))
     if chunk < 1:
@@ -293,7 +294,7 @@ def parametric_maps(
     }
     if n_fit == 0:
         raise ValueError("mask/threshold: no voxel left to fit")
-    if model in ("srtm2", "mrtm2", "logan") and k2p is None:
+    if spec.uses_k2prime and k2p is None:
         max_fp = int(options.get("first_pass_max_voxels", 20000))
         stride = max(1, -(-n_fit // max_fp))
         sub = idx[::stride]
@@ -312,7 +313,7 @@ def parametric_maps(
     for start in tqdm(range(0, n_fit, chunk), desc=f"{model} maps", unit="chunk", disable=not progress):
         ii = slice(start, min(start + chunk, n_fit)) if contiguous else idx[start : start + chunk]
         Y = img2d[ii].astype(xp.float64)
-        if model == "srtm":
+        if spec.batch is None:  # nonlinear SRTM: one host fit per voxel, BF-SRTM start values
             Yh = to_numpy(Y)
             sp = run_batch("bfsrtm", frames, ref, w, Yh, np, None, None, grid, refine)["params"]
             start_p = np.stack([sp["r1"], sp["k2_per_min"], sp["bp_nd"]], axis=1)
