@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -91,12 +90,15 @@ class ParametricMaps:
 
         Notes
         -----
-        Each file is written to a temporary name in the same folder and then
-        ``os.replace``-d, so no half-written file carries the final name.
+        The files are written under temporary names and renamed together
+        (:class:`petbind.quant.outputs.OutputSet`): after an error none of
+        them is new or changed.  :func:`petbind.quant.results.write_parametric_maps`
+        writes the same maps with the ``petbind-quant map`` file names.
         """
-        import nibabel as nib  # noqa: PLC0415 - only needed for writing
-
         from petbind import __version__  # noqa: PLC0415
+        from petbind.core.files import write_json  # noqa: PLC0415
+        from petbind.quant.io import save_nifti  # noqa: PLC0415
+        from petbind.quant.outputs import OutputSet  # noqa: PLC0415
 
         A = np.asarray(affine, dtype=np.float64)
         if A.shape != (4, 4) or not np.all(np.isfinite(A)):
@@ -111,15 +113,6 @@ class ParametricMaps:
         files = {}
         arrays = {name: (to_numpy(m).astype(np.float32), UNITS.get(name, "")) for name, m in self.maps.items()}
         arrays["status"] = (to_numpy(self.status).astype(np.int16), "code")
-        for name, (data, unit) in arrays.items():
-            path = f"{prefix}_{name}.nii.gz"
-            tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.nii.gz")
-            img = nib.Nifti1Image(data, A)
-            img.header.set_xyzt_units("mm")
-            nib.save(img, tmp)
-            os.replace(tmp, path)
-            written.append(path)
-            files[name] = {"file": os.path.basename(path), "units": unit}
         meta = dict(sidecar or {})
         meta.update(
             {
@@ -137,13 +130,14 @@ class ParametricMaps:
                 "software_version": __version__,
             }
         )
-        path = f"{prefix}.json"
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-        written.append(path)
+        with OutputSet() as outs:
+            for name, (data, unit) in arrays.items():
+                path = f"{prefix}_{name}.nii.gz"
+                save_nifti(path, data, A, outputs=outs)
+                written.append(path)
+                files[name] = {"file": os.path.basename(path), "units": unit}
+            outs.write(f"{prefix}.json", write_json, meta)
+            written.append(f"{prefix}.json")
         return written
 
 
