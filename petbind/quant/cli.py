@@ -278,7 +278,7 @@ def cmd_map(args) -> list[Path]:
         if psf is not None:
             side["PartialVolumeCorrection"] = _pvc_sidecar(
                 args, psf, [args.reference] if args.pvc_uncorrected_reference else [])
-        written = write_parametric_maps(prefix, pm, pet.affine, side, outputs=outs)
+        written = write_parametric_maps(prefix, pm, pet.affine, side, model=args.model, outputs=outs)
         if args.figure and "bp_nd" in pm.maps:
             from petbind.quant.figures import plot_map_montage
 

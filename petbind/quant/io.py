@@ -312,6 +312,42 @@ def _load_nifti(path):
     return img, affine
 
 
+def _gzip_complete(path, img) -> None:
+    """Refuse a ``.nii.gz`` whose gzip stream is cut short.
+
+    nibabel decompresses only as far as the voxels reach, so a file that lost
+    its last bytes (the end of the stream and the gzip trailer) can still
+    give every voxel, and is then read without an error.  The trailer's
+    ISIZE field (uncompressed size mod 2**32) must equal the size the header
+    implies; otherwise (a truncated file, or a legitimately unusual one such
+    as multi-member gzip) the stream is decompressed to its end, which checks
+    the end-of-stream marker and the CRC.
+    """
+    import gzip
+    import zlib
+
+    hdr = img.header
+    expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() >= 18:  # smallest gzip member: 10-byte header + 8-byte trailer
+            fh.seek(-4, os.SEEK_END)
+            if int.from_bytes(fh.read(4), "little") == expected % 2**32:
+                return
+    n = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while chunk := g.read(1 << 24):
+                n += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: cannot read the image data ({exc.__class__.__name__}: {exc}); the file is truncated or corrupt"
+        ) from None
+    if n < expected:
+        raise ValueError(f"{path}: the file holds {n} bytes of image data but its header needs {expected}; "
+                         "the file is truncated")
+
+
 def _image_array(img, path, fdata_dtype=None) -> np.ndarray:
     """The voxel array of a loaded image; a truncated or corrupt file is a ``ValueError`` naming it.
 
@@ -323,12 +359,16 @@ def _image_array(img, path, fdata_dtype=None) -> np.ndarray:
 
     try:
         if fdata_dtype is None:
-            return np.asarray(img.dataobj)
-        return img.get_fdata(dtype=fdata_dtype)
+            data = np.asarray(img.dataobj)
+        else:
+            data = img.get_fdata(dtype=fdata_dtype)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         raise ValueError(
             f"{path}: cannot read the image data ({exc.__class__.__name__}: {exc}); the file is truncated or corrupt"
         ) from None
+    if str(path).endswith(".gz"):
+        _gzip_complete(path, img)
+    return data
 
 
 def load_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

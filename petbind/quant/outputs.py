@@ -133,6 +133,7 @@ class OutputSet:
         for dest in [d for d in self._staged if d not in self._written]:
             self._staged.pop(dest).discard()  # reserved, never written
         done = []  # (dest, whether it existed, hard-link backup of the file it replaced)
+        backup = None
         try:
             for dest, out in self._staged.items():
                 self._current = dest
@@ -149,12 +150,16 @@ class OutputSet:
                         backup = None
                 out.commit()
                 done.append((dest, existed, backup))
+                backup = None
         except BaseException as exc:
             err = self._write_error(exc) if isinstance(exc, OSError) else None
-            for dest, existed, backup in reversed(done):
+            if backup is not None:  # the rename that failed left its destination as it was
                 with contextlib.suppress(OSError):
-                    if backup is not None:
-                        os.replace(backup, dest)
+                    os.remove(backup)
+            for dest, existed, old in reversed(done):
+                with contextlib.suppress(OSError):
+                    if old is not None:
+                        os.replace(old, dest)
                     elif not existed:
                         os.remove(dest)
             self._current = None

@@ -208,41 +208,47 @@ def _map_units(name, model):
     return "unitless"
 
 
-def write_parametric_maps(prefix, maps, affine, sidecar=None, outputs=None) -> list:
-    """Write parametric maps as ``<prefix>_<suffix>.nii.gz`` with a JSON sidecar each.
+def write_parametric_maps(prefix, pm, affine, sidecar=None, model=None, outputs=None) -> list:
+    """Write every map of a :class:`~petbind.quant.models.ParametricMaps` as NIfTI + JSON.
 
     Parameters
     ----------
     prefix : str or os.PathLike
-        Output prefix, e.g. ``sub-01_ses-baseline_desc-srtm``.
-    maps : petbind.quant.models.ParametricMaps
-        NumPy or CuPy maps (copied to the host here).
+        Output prefix; maps go to ``{prefix}_{bpnd,r1,k2,...}.nii.gz``
+        (suffixes in :data:`MAP_SUFFIX`, other maps by name) and the fit
+        status to ``{prefix}_status.nii.gz`` (int16 codes, 0 ok).
+    pm : petbind.quant.models.ParametricMaps
+        Maps on NumPy or CuPy (copied to the host here).
     affine : array_like, shape (4, 4)
         Affine of the image the maps came from (mm).
     sidecar : dict, optional
-        Fields shared by every sidecar (sources, settings).
+        Fields shared by every map's sidecar (settings, sources, provenance).
+    model : str, optional
+        Model name for descriptions and units (default ``sidecar["Model"]``,
+        else ``pm.model``).
     outputs : petbind.quant.outputs.OutputSet, optional
-        Stage the files in this set (the caller commits).
+        Stage the files in this set (the caller commits); default: all files
+        of this call appear together or not at all.
 
     Returns
     -------
     list of pathlib.Path
-        The NIfTI files: one per map (suffixes in :data:`MAP_SUFFIX`, other
-        maps by name) then ``<prefix>_status.nii.gz`` (int16 codes, 0 ok).
+        The NIfTI files written (maps, then status); each has a JSON sidecar.
     """
     from petbind.quant.io import save_nifti
 
     side = dict(sidecar or {})
+    model = model or side.get("Model") or getattr(pm, "model", "")
     written = []
     with output_set(outputs) as outs:
-        for name, arr in maps.maps.items():
+        for name, arr in pm.maps.items():
             written.append(save_nifti(
                 f"{prefix}_{MAP_SUFFIX.get(name, name)}.nii.gz", to_numpy(arr).astype(np.float32), affine,
-                {**side, "Description": f"{maps.model} parametric map {name}", "Units": _map_units(name, maps.model)},
+                {**side, "Description": f"{model} parametric map {name}", "Units": _map_units(name, model)},
                 outputs=outs))
-        names = getattr(maps, "status_names", None) or {}
+        names = getattr(pm, "status_names", None) or {}
         written.append(save_nifti(
-            f"{prefix}_status.nii.gz", to_numpy(maps.status).astype(np.int16), affine,
+            f"{prefix}_status.nii.gz", to_numpy(pm.status).astype(np.int16), affine,
             {**side, "Description": "fit status per voxel (0 ok)", "StatusCodes": {str(k): v for k, v in names.items()},
-             "Info": getattr(maps, "info", {})}, outputs=outs))
+             "Info": getattr(pm, "info", {})}, outputs=outs))
     return written
