@@ -93,7 +93,7 @@ def tacs_args(s, out):
 
 def map_args(s, prefix):
     return ["map", str(s["pet"]), "--atlas", str(s["atlas"]), "--labels", str(s["labels"]), "--reference",
-            "cerebellum", "--model", "bfsrtm", "--out-prefix", str(prefix)]
+            "cerebellum", "--model", "bfsrtm", "--mask-regions", "putamen", "caudate", "--out-prefix", str(prefix)]
 
 
 def fit_args(tacs, out):
