@@ -52,11 +52,28 @@ class InputError(ValueError):
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a message is logged.
+
+    ``main`` may run many times in one process (the study pipeline, tests)
+    with ``sys.stderr`` swapped in between; a handler that kept the stream
+    of its first run would write to a closed one.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logger.setLevel(level)
     if not any(getattr(h, "_petbind_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._petbind_cli = True
         logger.addHandler(handler)
