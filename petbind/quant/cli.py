@@ -18,7 +18,11 @@ Typical chain::
         --model srtm --out sub-01_ses-baseline_bpnd.tsv
     petbind-quant compare --study study/ --out-dir results/
 
-Bad input prints one line ``petbind-quant: error: ...`` and exits with 2.
+Bad input, or an output that cannot be written (a folder that is a file, a
+full disk), prints one line ``petbind-quant: error: ...`` and exits with 2.
+The output files of one command (table, sidecar, figure; every map) appear
+together or not at all (:mod:`petbind.quant.outputs`): after an error no
+output is new or changed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
-from petbind.quant.models import MODELS
+from petbind.quant.models import MODELS, REGISTRY
 from petbind.quant.results import FIT_COLUMNS
 
 logger = logging.getLogger("petbind.quant")
@@ -377,7 +381,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=MODEL_CHOICES, help="kinetic model")
+    p.add_argument("--model", required=True, choices=MODEL_CHOICES,
+                   help="kinetic model: " + "; ".join(f"{name} = {spec.description}" for name, spec in REGISTRY.items()))
     p.add_argument("--weights", default="none", choices=WEIGHT_CHOICES,
                    help="frame weights: none, frame duration, or counts (Mazoyer 1986: w = duration x decay factor / decay-corrected reference activity, i.e. 1/variance of Poisson counts)")
     p.add_argument("--tstar-min", type=float, default=None,

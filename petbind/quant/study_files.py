@@ -229,7 +229,8 @@ def find_session_file(study_dir, pid: str, session: str, patterns: Sequence[str]
             raise ValueError(f"{ses_dir}: no file matching {list(patterns)} found (expected one fit result)")
         return None
     if len(hits) > 1:
-        raise ValueError(f"{ses_dir}: {len(hits)} files match {list(patterns)} ({[str(h) for h in hits]}); expected one")
+        raise ValueError(f"{ses_dir}: {len(hits)} files match {list(patterns)} ({[str(h) for h in hits]}); "
+                         "expected one")
     return hits[0]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from petbind.quant.cli import main
-from tests.quant_helpers import FRAME_END_S, FRAME_START_S, atlas_labels, srtm_tacs, write_atlas, write_pet
+from tests.quant_helpers import FRAME_START_S, atlas_labels, srtm_tacs, write_atlas, write_pet
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -80,8 +80,9 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("srtm", "simplified reference tissue model, weighted nonlinear least squares "
-                  "(Lammertsma & Hume 1996)", uses_tstar=False, uses_k2prime=False, uses_grid=True, basis_functions=False,
-                  n_params=3, jacobian_se=False, options=GRID_OPTIONS + ("lower", "upper", "max_nfev"), batch=None),
+                  "(Lammertsma & Hume 1996)", uses_tstar=False, uses_k2prime=False, uses_grid=True,
+                  basis_functions=False, n_params=3, jacobian_se=False,
+                  options=GRID_OPTIONS + ("lower", "upper", "max_nfev"), batch=None),
         ModelSpec("bfsrtm", "basis-function SRTM (Gunn et al. 1997)", uses_tstar=False, uses_k2prime=False,
                   uses_grid=True, basis_functions=True, n_params=3, jacobian_se=True, options=GRID_OPTIONS,
                   batch=srtm.bfsrtm),
