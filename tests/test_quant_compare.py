@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
-from petbind.quant import compare, stats
+from petbind.quant import compare, stats, study_files
 from petbind.core.files import read_table_tsv, write_table_tsv
 from tests.quant_helpers import AFFINE
 
@@ -202,3 +202,96 @@ def test_voxelwise_t_maps(tmp_path):
     q = nib.load(str(out["drug_pfdr"])).get_fdata()
     np.testing.assert_allclose(q.ravel(), stats.benjamini_hochberg(p.ravel()), rtol=1e-5)
     assert np.all(q >= p - 1e-7)
+
+
+# ------------------------------------------------------------------ declared groups (issue 9 item 3)
+def _set_group(root, pid, group):
+    path = root / "participants.tsv"
+    lines = path.read_text().splitlines()
+    out = [lines[0]]
+    for ln in lines[1:]:
+        cells = ln.split("\t")
+        if cells[0] in (pid, pid[4:]):
+            cells[1] = group
+        out.append("\t".join(cells))
+    path.write_text("\n".join(out) + "\n")
+
+
+@pytest.mark.parametrize("typo,hint", [("drugg", "; did you mean 'drug'"), ("Drug", "; did you mean 'drug'"),
+                                       ("verum", "")])
+def test_declared_groups_refuse_an_undeclared_group(tmp_path, typo, hint):
+    make_study(tmp_path / "s", np.random.default_rng(26))
+    _set_group(tmp_path / "s", "sub-02", typo)
+    with pytest.raises(ValueError, match=rf"participants\.tsv: participant 'sub-02' has group '{typo}', which is not "
+                                         rf"one of the declared groups \['drug', 'placebo'\]{hint}"):
+        compare.run_study(tmp_path / "s", tmp_path / "o", groups=("drug", "placebo"), figures=False)
+    assert not (tmp_path / "o").exists()
+    # without declared groups the typo is a group of its own (the old behaviour, kept for callers)
+    assert study_files.load_study(tmp_path / "s").group_names == ["drug", typo, "placebo"]
+
+
+def test_declared_group_without_participant(tmp_path):
+    make_study(tmp_path / "s", np.random.default_rng(27))
+    with pytest.raises(ValueError, match=r"participants\.tsv: declared group 'control' has no participant"):
+        study_files.load_study(tmp_path / "s", groups=("drug", "placebo", "control"))
+    with pytest.raises(TypeError, match="sequence of group names"):
+        study_files.load_study(tmp_path / "s", groups="drug")
+    with pytest.raises(ValueError, match="declared once"):
+        study_files.load_study(tmp_path / "s", groups=("drug", "drug"))
+
+
+def test_subject_folder_missing_from_participants(tmp_path, caplog):
+    base, post, groups = make_study(tmp_path / "s", np.random.default_rng(28))
+    _write_fit(tmp_path / "s" / "sub-99" / "ses-baseline" / "sub-99_ses-baseline_bpnd.tsv", [1, 2, 3])
+    _write_fit(tmp_path / "s" / "sub-99" / "ses-postdose" / "sub-99_ses-postdose_bpnd.tsv", [1, 2, 3])
+    with pytest.raises(ValueError, match=r"sub-99: subject folder has no row in .*participants\.tsv"):
+        compare.run_study(tmp_path / "s", tmp_path / "o", groups=("drug", "placebo"))
+    assert not (tmp_path / "o").exists()
+    with caplog.at_level("WARNING", logger="petbind.quant.study_files"):
+        data = study_files.load_study(tmp_path / "s")
+    assert "['sub-99'] have no row" in caplog.text and data.baseline.shape == (7, 3)
+
+
+def test_declared_group_order_sets_table_order(tmp_path):
+    make_study(tmp_path / "s", np.random.default_rng(29))
+    plain = compare.run_study(tmp_path / "s", tmp_path / "a", n_permutations=100, figures=False)
+    swapped = compare.run_study(tmp_path / "s", tmp_path / "b", n_permutations=100, figures=False,
+                                groups=("placebo", "drug"))
+    _, a = read_table_tsv(plain["group_by_time"])
+    _, b = read_table_tsv(swapped["group_by_time"])
+    assert [r["group_a"] for r in b] == ["placebo"] * 3
+    for ra, rb in zip(a, b):  # same test with the roles swapped
+        assert float(rb["difference"]) == pytest.approx(-float(ra["difference"]), rel=1e-12)
+        assert float(rb["p_welch"]) == pytest.approx(float(ra["p_welch"]), rel=1e-12)
+        assert float(rb["p_permutation"]) == float(ra["p_permutation"])
+    _, wb = read_table_tsv(swapped["within_group"])
+    assert [r["group"] for r in wb] == ["placebo"] * 3 + ["drug"] * 3
+
+
+def test_cli_compare_groups_typo_exit_2(tmp_path, capsys):
+    from petbind.quant.cli import main
+
+    make_study(tmp_path / "s", np.random.default_rng(30))
+    _set_group(tmp_path / "s", "sub-05", "Placebo")
+    rc = main(["compare", "--study", str(tmp_path / "s"), "--out-dir", str(tmp_path / "o"), "--groups", "drug",
+               "placebo", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "participants.tsv: participant 'sub-05' has group 'Placebo'" in err and "did you mean 'placebo'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_study_failing_figure_writes_nothing(tmp_path, monkeypatch):
+    from petbind.quant import figures
+
+    make_study(tmp_path / "s", np.random.default_rng(31))
+    out = tmp_path / "o"
+    out.mkdir()
+
+    def broken(*args, **kwargs):
+        raise ValueError("plot_region_changes: broken on purpose")
+
+    monkeypatch.setattr(figures, "plot_region_changes", broken)
+    with pytest.raises(ValueError, match="broken on purpose"):
+        compare.run_study(tmp_path / "s", out, n_permutations=100)
+    assert list(out.iterdir()) == []

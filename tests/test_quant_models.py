@@ -551,3 +551,38 @@ def test_gpu_maps_equal_cpu_maps(model):
         assert type(gpu.maps[name]).__module__.startswith("cupy")
         np.testing.assert_allclose(cupy.asnumpy(gpu.maps[name]), m, rtol=1e-7, atol=1e-10, err_msg=name)
     np.testing.assert_array_equal(cupy.asnumpy(gpu.status), cpu.status)
+
+
+# -------------------------------------------------------------------- registry
+def test_registry_drives_fit_model_and_cli():
+    """Every registered model fits; its flags say which options fit_model accepts; the CLI offers them all."""
+    from petbind.quant.cli import build_parser
+    from petbind.quant.models import REGISTRY, get_model
+
+    assert MODELS == tuple(REGISTRY) == ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
+    for name in MODELS:
+        for cmd in ("fit", "map"):
+            extra = ["t.tsv"] if cmd == "fit" else ["pet.nii.gz", "--atlas", "a", "--labels", "l", "--out-prefix", "o"]
+            args = build_parser().parse_args([cmd, *extra, "--reference", "c", "--model", name, "--out", "o"]
+                                             if cmd == "fit" else [cmd, *extra, "--reference", "c", "--model", name])
+            assert args.model == name
+    ref, tac = simulate([(0.25, 0.12, 0.06, 0.04)])
+    for name, spec in REGISTRY.items():
+        assert get_model(name) is spec and spec.name == name
+        res = fit_model(name, START_S, END_S, ref, tac, tstar_min=20.0 if spec.uses_tstar else None,
+                        k2prime_per_min=K2_REF / K1_REF if spec.uses_k2prime else None)
+        assert res.model == name and np.isfinite(res.parameters["bp_nd"][0]), name
+        # an option the model does not use is refused, one it uses is accepted
+        if not spec.uses_tstar:
+            with pytest.raises(ValueError, match="tstar_min"):
+                fit_model(name, START_S, END_S, ref, tac, tstar_min=20.0)
+        if not spec.uses_k2prime:
+            with pytest.raises(ValueError, match="k2prime_per_min"):
+                fit_model(name, START_S, END_S, ref, tac, k2prime_per_min=0.5)
+        if not spec.uses_grid:
+            with pytest.raises(TypeError, match="valid options"):
+                fit_model(name, START_S, END_S, ref, tac, num_basis=50)
+        has_se = np.isfinite(res.standard_errors["bp_nd"][0])
+        assert has_se == (spec.jacobian_se or spec.batch is None), name  # Logan gives no standard errors
+    with pytest.raises(ValueError, match=r"model: expected one of \('srtm'"):
+        get_model("ma1")

@@ -184,3 +184,27 @@ def test_nan_input_refused():
         stats.paired_t([1.0, np.nan], [2.0, 3.0])
     with pytest.raises(ValueError, match="NaN"):
         stats.permutation_test([1.0, np.nan], [2.0, 3.0])
+
+
+def _paired_maps():
+    rng = np.random.default_rng(17)
+    b = rng.normal(2, 0.5, (5, 6, 4, 3))
+    p = b + rng.normal(-0.2, 0.3, b.shape)
+    b[2, 1, 1, 1] = np.nan  # a failed fit in one subject
+    mask = np.ones((6, 4, 3), bool)
+    mask[0, 0, 0] = False
+    return b, p, mask
+
+
+@pytest.mark.gpu
+def test_paired_t_map_gpu_equals_cpu():
+    """GPU twin of test_paired_t_map_vs_scipy: CuPy in, CuPy out, same numbers as NumPy."""
+    import cupy
+
+    b, p, mask = _paired_maps()
+    cpu = stats.paired_t_map(b, p, mask)
+    gpu = stats.paired_t_map(cupy.asarray(b), cupy.asarray(p), cupy.asarray(mask))
+    for c, g, name in zip(cpu, gpu, ("mean", "t", "p")):
+        assert type(g).__module__.startswith("cupy"), name
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-12, atol=0, equal_nan=True, err_msg=name)
+    assert np.isnan(cpu[1][1, 1, 1]) and np.isnan(cpu[1][0, 0, 0])

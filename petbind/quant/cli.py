@@ -18,7 +18,11 @@ Typical chain::
         --model srtm --out sub-01_ses-baseline_bpnd.tsv
     petbind-quant compare --study study/ --out-dir results/
 
-Bad input prints one line ``petbind-quant: error: ...`` and exits with 2.
+Bad input, or an output that cannot be written (a folder that is a file, a
+full disk), prints one line ``petbind-quant: error: ...`` and exits with 2.
+The output files of one command (table, sidecar, figure; every map) appear
+together or not at all (:mod:`petbind.quant.outputs`): after an error no
+output is new or changed.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
-from petbind.quant.models import MODELS
-from petbind.quant.results import FIT_COLUMNS, write_parametric_maps
+from petbind.quant.models import MODELS, REGISTRY
+from petbind.quant.results import FIT_COLUMNS
 
 logger = logging.getLogger("petbind.quant")
 
@@ -52,11 +56,28 @@ class InputError(ValueError):
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a message is logged.
+
+    ``main`` may run many times in one process (the study pipeline, tests)
+    with ``sys.stderr`` swapped in between; a handler that kept the stream
+    of its first run would write to a closed one.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logger.setLevel(level)
     if not any(getattr(h, "_petbind_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._petbind_cli = True
         logger.addHandler(handler)
@@ -138,157 +159,157 @@ def _emit(args, paths) -> None:
 # subcommands
 # --------------------------------------------------------------------------
 def cmd_tacs(args) -> list[Path]:
-    from petbind.core.files import sidecar_path_for, write_json
-    from petbind.quant.io import load_atlas, load_pet, write_tacs_tsv
+    from petbind.core.files import sidecar_path_for
+    from petbind.quant.io import load_atlas, load_pet
+    from petbind.quant.outputs import OutputSet
+    from petbind.quant.results import tacs_sidecar, write_tacs
     from petbind.quant.tacs import tacs_from_image
 
-    pet = load_pet(args.image, args.json)
-    atlas = load_atlas(args.atlas, args.labels)
-    psf = _pvc_psf(args, pet.affine)
-    if psf is None:
-        if args.pvc_uncorrected:
-            raise InputError("--pvc-uncorrected needs --pvc gtm or rbv")
-        table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
-    else:
-        from petbind.quant.pvc import pvc_tacs
+    with OutputSet() as outs:
+        for path in (args.out, sidecar_path_for(args.out)):
+            outs.stage(path)  # a bad output path fails before any work
+        pet = load_pet(args.image, args.json)
+        atlas = load_atlas(args.atlas, args.labels)
+        psf = _pvc_psf(args, pet.affine)
+        if psf is None:
+            if args.pvc_uncorrected:
+                raise InputError("--pvc-uncorrected needs --pvc gtm or rbv")
+            table = tacs_from_image(pet, atlas, args.regions, progress=not args.quiet)
+        else:
+            from petbind.quant.pvc import pvc_tacs
 
-        table = pvc_tacs(pet, atlas, psf, method=args.pvc, regions=args.regions,
-                         uncorrected=args.pvc_uncorrected or (), progress=not args.quiet)
-    out = write_tacs_tsv(args.out, table)
-    side = {
-        "Description": "regional mean time-activity curves" + ("" if psf is None else
-                                                               f", partial-volume corrected ({args.pvc})"),
-        "Sources": [str(args.image), str(args.atlas), str(args.labels)],
-        "Units": "Bq/mL",
-        "frame_start": {"Description": "frame start from injection", "Units": "s"},
-        "frame_end": {"Description": "frame end from injection", "Units": "s"},
-        "VoxelCount": {
-            name: int(np.sum(atlas.labels == atlas.index_of(name))) for name in table.region_names
-        },
-    }
-    if psf is not None:
-        side["PartialVolumeCorrection"] = _pvc_sidecar(args, psf, args.pvc_uncorrected or ())
-    for key in ("TracerRadionuclide", "TracerName", "InjectedRadioactivity", "InjectedRadioactivityUnits"):
-        if key in pet.sidecar:
-            side[key] = pet.sidecar[key]
-    write_json(sidecar_path_for(out), side)
+            table = pvc_tacs(pet, atlas, psf, method=args.pvc, regions=args.regions,
+                             uncorrected=args.pvc_uncorrected or (), progress=not args.quiet)
+        side = tacs_sidecar(table, atlas, [args.image, args.atlas, args.labels], pet.sidecar,
+                            None if psf is None else _pvc_sidecar(args, psf, args.pvc_uncorrected or ()))
+        out = write_tacs(args.out, table, side, outputs=outs)
     logger.info("%d regions x %d frames -> %s", len(table.region_names), table.n_frames, out)
     return [out]
 
 
 def cmd_fit(args) -> list[Path]:
+    from petbind.core.files import sidecar_path_for
     from petbind.quant.io import read_tacs_tsv
+    from petbind.quant.outputs import OutputSet
     from petbind.quant.results import write_fit_tsv
     from petbind.quant.tacs import split_reference
 
     _check_model_options(args)
-    table = read_tacs_tsv(args.tacs)
-    ref, names, tac = split_reference(table, args.reference, args.regions)
-    half_life = _resolve_half_life(args.half_life_min, _read_optional_sidecar(Path(args.tacs)), args.tacs)
-    from petbind.quant.models import fit_model
+    with OutputSet() as outs:
+        for path in (args.out, sidecar_path_for(args.out), args.figure):
+            if path:
+                outs.stage(path)  # a bad output path fails before any work
+        table = read_tacs_tsv(args.tacs)
+        ref, names, tac = split_reference(table, args.reference, args.regions)
+        half_life = _resolve_half_life(args.half_life_min, _read_optional_sidecar(Path(args.tacs)), args.tacs)
+        from petbind.quant.models import fit_model
 
-    res = fit_model(args.model, table.frame_start_s, table.frame_end_s, ref, tac, weights=args.weights,
-                    tstar_min=args.tstar_min, k2prime_per_min=args.k2prime_per_min, half_life_min=half_life)
-    n = len(names)
-    out = write_fit_tsv(args.out, res, names, args.reference, {
-        "Description": f"{res.model} fit of {args.tacs}",
-        "Sources": [str(args.tacs)],
-        "Weights": args.weights,
-        "TStarMin": args.tstar_min,
-        "K2PrimePerMin": args.k2prime_per_min,
-        "HalfLifeMin": half_life,
-    })
+        res = fit_model(args.model, table.frame_start_s, table.frame_end_s, ref, tac, weights=args.weights,
+                        tstar_min=args.tstar_min, k2prime_per_min=args.k2prime_per_min, half_life_min=half_life)
+        n = len(names)
+        written = [write_fit_tsv(args.out, res, names, args.reference, {
+            "Description": f"{res.model} fit of {args.tacs}",
+            "Sources": [str(args.tacs)],
+            "Weights": args.weights,
+            "TStarMin": args.tstar_min,
+            "K2PrimePerMin": args.k2prime_per_min,
+            "HalfLifeMin": half_life,
+        }, outputs=outs)]
+        if args.figure:
+            from petbind.quant.figures import plot_tac_fits
+
+            fitted = np.asarray(res.fitted, dtype=float).reshape(table.n_frames, n)
+            written.append(outs.write(args.figure, plot_tac_fits, table.frame_start_s, table.frame_end_s, ref, tac,
+                                      fitted, names, model=res.model, reference_name=args.reference,
+                                      bp_nd=np.asarray(res.parameters["bp_nd"], float).reshape(-1)))
     n_bad = int(np.sum(np.asarray(res.status).reshape(-1) != 0))
     if n_bad:
         logger.warning("%s: %d of %d region fit(s) with non-zero status", args.out, n_bad, n)
-    written = [out]
-    if args.figure:
-        from petbind.quant.figures import plot_tac_fits
-
-        fitted = np.asarray(res.fitted, dtype=float).reshape(table.n_frames, n)
-        written.append(plot_tac_fits(args.figure, table.frame_start_s, table.frame_end_s, ref, tac, fitted, names,
-                                     model=res.model, reference_name=args.reference, bp_nd=np.asarray(res.parameters["bp_nd"], float).reshape(-1)))
     return written
 
 
 def cmd_map(args) -> list[Path]:
     from petbind.quant.io import check_same_grid, load_atlas, load_pet
+    from petbind.quant.outputs import OutputSet
+    from petbind.quant.results import map_paths, write_parametric_maps
     from petbind.quant.tacs import tacs_from_image
 
     _check_model_options(args)
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise InputError(f"--threshold must be a finite number (Bq/mL), got {args.threshold}")
-    pet = load_pet(args.image, args.json)
-    atlas = load_atlas(args.atlas, args.labels)
-    check_same_grid(pet.data.shape, pet.affine, pet.path, atlas.labels.shape, atlas.affine, atlas.path)
-    psf = _pvc_psf(args, pet.affine)
-    if psf is None and args.pvc_uncorrected_reference:
-        raise InputError("--pvc-uncorrected-reference needs --pvc rbv")
-    ref = tacs_from_image(pet, atlas, [args.reference]).column(args.reference)
-    if args.no_atlas_mask:
-        if args.mask_regions:
-            raise InputError("--mask-regions and --no-atlas-mask exclude each other")
-        mask = None
-    else:
-        mask = atlas.mask(args.mask_regions)
-        if not mask.any():
-            raise InputError(f"{args.atlas}: mask from atlas is empty")
-    half_life = _resolve_half_life(args.half_life_min, pet.sidecar, args.json or args.image)
-    xp = None
-    if args.device == "gpu":
-        import importlib.util
-
-        if importlib.util.find_spec("cupy") is None:
-            raise InputError("--device gpu needs CuPy (pip install 'petbind[gpu]' or cupy-cuda12x); use --device cpu")
-        xp = "cupy"
-    data = pet.data
-    if psf is not None:
-        from petbind.quant.pvc import gtm_matrix, rbv_correct, regional_means
-
-        if xp == "cupy":
-            import cupy
-
-            data = cupy.asarray(data)
-        gtm = gtm_matrix(atlas.labels, atlas.names, psf, progress=not args.quiet)
-        data = rbv_correct(data, atlas.labels, gtm, progress=not args.quiet)
-        if not args.pvc_uncorrected_reference:
-            # The reference TAC gets the same correction as the voxels it is compared with.
-            ref = _to_host(regional_means(data, atlas.labels, [atlas.index_of(args.reference)])[0][0])
-    from petbind.quant.models import parametric_maps
-
-    pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, data, mask=mask,
-                         threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
-                         k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, xp=xp,
-                         progress=not args.quiet)
     prefix = str(args.out_prefix)
-    side = {
-        "Sources": [str(args.image), str(args.atlas)],
-        "Model": args.model,
-        "ReferenceRegion": args.reference,
-        "Weights": args.weights,
-        "TStarMin": args.tstar_min,
-        "K2PrimePerMin": args.k2prime_per_min,
-        "HalfLifeMin": half_life,
-        "Mask": "none" if mask is None else ("atlas regions " + str(args.mask_regions) if args.mask_regions
-                                             else "all labelled atlas voxels"),
-        "Threshold": args.threshold,
-    }
-    if psf is not None:
-        side["PartialVolumeCorrection"] = _pvc_sidecar(
-            args, psf, [args.reference] if args.pvc_uncorrected_reference else [])
-    written = write_parametric_maps(prefix, pm, pet.affine, side, model=args.model)
+    with OutputSet() as outs:
+        for path in map_paths(prefix) + ([args.figure] if args.figure else []):
+            outs.stage(path)  # a bad output path fails before any work
+        pet = load_pet(args.image, args.json)
+        atlas = load_atlas(args.atlas, args.labels)
+        check_same_grid(pet.data.shape, pet.affine, pet.path, atlas.labels.shape, atlas.affine, atlas.path)
+        psf = _pvc_psf(args, pet.affine)
+        if psf is None and args.pvc_uncorrected_reference:
+            raise InputError("--pvc-uncorrected-reference needs --pvc rbv")
+        ref = tacs_from_image(pet, atlas, [args.reference]).column(args.reference)
+        if args.no_atlas_mask:
+            if args.mask_regions:
+                raise InputError("--mask-regions and --no-atlas-mask exclude each other")
+            mask = None
+        else:
+            mask = atlas.mask(args.mask_regions)
+            if not mask.any():
+                raise InputError(f"{args.atlas}: mask from atlas is empty")
+        half_life = _resolve_half_life(args.half_life_min, pet.sidecar, args.json or args.image)
+        xp = None
+        if args.device == "gpu":
+            import importlib.util
+
+            if importlib.util.find_spec("cupy") is None:
+                raise InputError("--device gpu needs CuPy (pip install 'petbind[gpu]' or cupy-cuda12x); "
+                                 "use --device cpu")
+            xp = "cupy"
+        data = pet.data
+        if psf is not None:
+            from petbind.quant.pvc import gtm_matrix, rbv_correct, regional_means
+
+            if xp == "cupy":
+                import cupy
+
+                data = cupy.asarray(data)
+            gtm = gtm_matrix(atlas.labels, atlas.names, psf, progress=not args.quiet)
+            data = rbv_correct(data, atlas.labels, gtm, progress=not args.quiet)
+            if not args.pvc_uncorrected_reference:
+                # The reference TAC gets the same correction as the voxels it is compared with.
+                ref = _to_host(regional_means(data, atlas.labels, [atlas.index_of(args.reference)])[0][0])
+        from petbind.quant.models import parametric_maps
+
+        pm = parametric_maps(args.model, pet.frame_start_s, pet.frame_end_s, ref, data, mask=mask,
+                             threshold=args.threshold, weights=args.weights, tstar_min=args.tstar_min,
+                             k2prime_per_min=args.k2prime_per_min, half_life_min=half_life, xp=xp,
+                             progress=not args.quiet)
+        side = {
+            "Sources": [str(args.image), str(args.atlas)],
+            "Model": args.model,
+            "ReferenceRegion": args.reference,
+            "Weights": args.weights,
+            "TStarMin": args.tstar_min,
+            "K2PrimePerMin": args.k2prime_per_min,
+            "HalfLifeMin": half_life,
+            "Mask": "none" if mask is None else ("atlas regions " + str(args.mask_regions) if args.mask_regions
+                                                 else "all labelled atlas voxels"),
+            "Threshold": args.threshold,
+        }
+        if psf is not None:
+            side["PartialVolumeCorrection"] = _pvc_sidecar(
+                args, psf, [args.reference] if args.pvc_uncorrected_reference else [])
+        written = write_parametric_maps(prefix, pm, pet.affine, side, model=args.model, outputs=outs)
+        if args.figure and "bp_nd" in pm.maps:
+            from petbind.quant.figures import plot_map_montage
+
+            written.append(outs.write(args.figure, plot_map_montage, _to_host(pm.maps["bp_nd"]).astype(float),
+                                      anatomy=pet.data.mean(axis=3), title=f"{args.model.upper()} BP$_{{ND}}$"))
     status = _to_host(pm.status)
-    names = getattr(pm, "status_names", None) or {}
-    masked_codes = [int(k) for k, v in names.items() if str(v).startswith("masked")]
+    masked_codes = [int(k) for k, v in (pm.status_names or {}).items() if str(v).startswith("masked")]
     n_bad = int(np.sum((status != 0) & ~np.isin(status, masked_codes)))
     if n_bad:
         logger.warning("%d fitted voxel(s) with non-zero status (see %s_status.nii.gz)", n_bad, prefix)
-    if args.figure and "bp_nd" in pm.maps:
-        from petbind.quant.figures import plot_map_montage
-
-        anatomy = pet.data.mean(axis=3)
-        written.append(plot_map_montage(args.figure, _to_host(pm.maps["bp_nd"]).astype(float), anatomy=anatomy,
-                                        title=f"{args.model.upper()} BP$_{{ND}}$"))
     return written
 
 
@@ -313,7 +334,7 @@ def cmd_compare(args) -> list[Path]:
         out = compare.run_study(args.study, args.out_dir, args.baseline_session, args.post_session,
                                 args.group_column, args.n_permutations, args.seed, voxelwise=args.voxelwise,
                                 figures=not args.no_figures, progress=not args.quiet,
-                                result_pattern=args.result_pattern)
+                                result_pattern=args.result_pattern, groups=args.groups)
         return list(out.values())
     if not (args.baseline and args.post):
         raise InputError("compare: give --baseline and --post (two sessions), or --study DIR")
@@ -322,18 +343,28 @@ def cmd_compare(args) -> list[Path]:
     kb, kp = _kind(args.baseline), _kind(args.post)
     if kb != kp:
         raise InputError(f"{args.post}: is a {kp} file but {args.baseline} is a {kb} file; compare like with like")
-    prefix = str(args.out_prefix)
-    if kb == "tsv":
-        rows = compare.regional_change(compare.read_bpnd_tsv(args.baseline), compare.read_bpnd_tsv(args.post),
-                                       args.baseline, args.post)
-        return [compare.write_regional_change(prefix + "_change.tsv", rows)]
-    res = compare.change_maps(args.baseline, args.post, prefix)
-    written = [res["delta"], res["percent"]]
-    if not args.no_figures:
-        from petbind.quant.figures import plot_change_montage
+    from petbind.core.files import sidecar_path_for
+    from petbind.quant.outputs import OutputSet
 
-        written.append(plot_change_montage(prefix + "_delta-bpnd.png", res["delta_array"],
-                                           title="BP$_{ND}$ change (post - baseline)"))
+    prefix = str(args.out_prefix)
+    with OutputSet() as outs:
+        if kb == "tsv":
+            outs.stage(prefix + "_change.tsv")
+            rows = compare.regional_change(compare.read_bpnd_tsv(args.baseline), compare.read_bpnd_tsv(args.post),
+                                           args.baseline, args.post)
+            return [outs.write(prefix + "_change.tsv", compare.write_regional_change, rows)]
+        figure = None if args.no_figures else prefix + "_delta-bpnd.png"
+        for path in (prefix + "_delta-bpnd.nii.gz", prefix + "_pctchange-bpnd.nii.gz", figure):
+            if path:
+                outs.stage(path)
+                outs.stage(sidecar_path_for(path))
+        res = compare.change_maps(args.baseline, args.post, prefix, outputs=outs)
+        written = [res["delta"], res["percent"]]
+        if figure:
+            from petbind.quant.figures import plot_change_montage
+
+            written.append(outs.write(figure, plot_change_montage, res["delta_array"],
+                                      title="BP$_{ND}$ change (post - baseline)"))
     return written
 
 
@@ -350,7 +381,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=MODEL_CHOICES, help="kinetic model")
+    p.add_argument("--model", required=True, choices=MODEL_CHOICES,
+                   help="kinetic model: " + "; ".join(f"{name} = {spec.description}" for name, spec in REGISTRY.items()))
     p.add_argument("--weights", default="none", choices=WEIGHT_CHOICES,
                    help="frame weights: none, frame duration, or counts (Mazoyer 1986: w = duration x decay factor / decay-corrected reference activity, i.e. 1/variance of Poisson counts)")
     p.add_argument("--tstar-min", type=float, default=None,
@@ -455,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-session", default="baseline", help="baseline session label (default baseline)")
     p.add_argument("--post-session", default="postdose", help="post-dose session label (default postdose)")
     p.add_argument("--group-column", default="group", help="group column of participants.tsv (default group)")
+    p.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                   help="declare the groups, e.g. --groups drug placebo: every participant must be in one, each "
+                        "must have a participant and every sub-* folder must be in participants.tsv (a typo such "
+                        "as 'drugg' is then an error, not a third group); tables follow this order")
     p.add_argument("--result-pattern", default="*_bpnd.tsv",
                    help="glob of the fit result in each session folder (default *_bpnd.tsv), "
                         "e.g. '*_model-srtm_bpnd.tsv' when several models were fitted")
@@ -473,10 +509,15 @@ def main(argv=None) -> int:
     _setup_logging(args.quiet, args.verbose)
     try:
         written = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
+        # OSError: a file that cannot be read or written (missing, a folder, permissions, disk full).
         if args.verbose:
             logger.exception("details")
-        msg = " ".join(str(exc).split())
+        if isinstance(exc, OSError) and exc.filename is not None:
+            text = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            text = str(exc)
+        msg = " ".join(text.split())
         print(f"petbind-quant: error: {msg}", file=sys.stderr)
         return 2
     _emit(args, written)

@@ -8,21 +8,11 @@ Per subject
 grid).  The percent change is NaN where the baseline BP_ND is not positive
 (no specific binding to lose); such entries are counted in a warning.
 
-Per study: the layout read by ``petbind-quant compare --study DIR``
---------------------------------------------------------------------
-::
-
-    DIR/participants.tsv                 columns participant_id, group (+ any)
-    DIR/sub-<id>/ses-<baseline>/**/*_bpnd.tsv   fit output of the baseline scan
-    DIR/sub-<id>/ses-<post>/**/*_bpnd.tsv       fit output of the post-dose scan
-    DIR/sub-<id>/ses-<session>/**/*_bpnd.nii[.gz]  optional BP_ND maps (voxelwise)
-
-``participant_id`` may be given with or without the ``sub-`` prefix.  Each
-subject/session folder must hold exactly one ``*_bpnd.tsv`` (searched
-recursively; another glob, e.g. ``*_model-srtm_bpnd.tsv``, via
-``result_pattern`` / ``--result-pattern``); every subject must list the same
-regions.  The session names
-default to ``baseline`` and ``postdose``.
+Per study
+---------
+:func:`run_study` reads a study folder (layout and group rules in
+:mod:`petbind.quant.study_files`) and writes the tables, figures and
+optional voxelwise maps below, all together or none at all.
 
 Statistics (see :mod:`petbind.quant.stats` for formulas and effect-size choice)
 -----------------------------------------------------------------------
@@ -43,77 +33,40 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from petbind.core.files import read_table_tsv, write_table_tsv
+from petbind.core.files import write_table_tsv
 from petbind.quant import stats
-from petbind.quant.io import _load_nifti, check_same_grid, save_nifti
+from petbind.quant.io import check_same_grid, load_map, save_nifti
+from petbind.quant.outputs import OutputSet, output_set
+from petbind.quant.study_files import StudyData, load_bpnd_maps, load_study, read_bpnd_tsv
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "read_bpnd_tsv",
     "percent_change",
     "regional_change",
     "write_regional_change",
     "change_maps",
-    "StudyData",
-    "read_participants",
-    "load_study",
+    "subject_change_rows",
     "within_group_statistics",
     "interaction_statistics",
+    "voxelwise_statistics",
     "run_study",
     "REGIONAL_CHANGE_COLUMNS",
+    "SUBJECT_CHANGE_COLUMNS",
     "WITHIN_GROUP_COLUMNS",
     "INTERACTION_COLUMNS",
+    # read from the study folder (petbind.quant.study_files), kept here for callers
+    "StudyData",
+    "load_study",
+    "read_bpnd_tsv",
 ]
 
 REGIONAL_CHANGE_COLUMNS = ["region", "bp_nd_baseline", "bp_nd_post", "delta_bp_nd", "percent_change"]
-
-
-def read_bpnd_tsv(path: str | os.PathLike) -> dict[str, float]:
-    """Read regional BP_ND from a ``fit`` result TSV.
-
-    Parameters
-    ----------
-    path : str or path-like
-        TSV with at least ``region`` and ``bp_nd`` columns (``n/a`` = failed fit).
-
-    Returns
-    -------
-    dict
-        region name -> BP_ND (NaN for ``n/a``), in file order.
-
-    Raises
-    ------
-    ValueError
-        Missing columns, duplicate regions, non-numeric ``bp_nd``.
-    """
-    _, rows = read_table_tsv(path, required=("region", "bp_nd"))
-    if not rows:
-        raise ValueError(f"{path}: no region rows")
-    out: dict[str, float] = {}
-    for lineno, row in enumerate(rows, start=2):
-        name = row["region"]
-        if name in out:
-            raise ValueError(f"{path}: column 'region' value '{name}' appears twice")
-        txt = row["bp_nd"]
-        if txt.lower() in ("n/a", "nan", ""):
-            out[name] = math.nan
-            continue
-        try:
-            out[name] = float(txt)
-        except ValueError:
-            raise ValueError(f"{path}: column 'bp_nd' line {lineno}: expected a number, got {txt!r}") from None
-    n_nan = sum(math.isnan(v) for v in out.values())
-    if n_nan:
-        logger.warning("%s: %d region(s) with BP_ND n/a (failed fits)", path, n_nan)
-    return out
 
 
 def percent_change(baseline, post) -> np.ndarray:
@@ -179,7 +132,7 @@ def write_regional_change(path, rows) -> Path:
     return write_table_tsv(path, REGIONAL_CHANGE_COLUMNS, rows)
 
 
-def change_maps(baseline_path, post_path, out_prefix, mask=None) -> dict[str, Path]:
+def change_maps(baseline_path, post_path, out_prefix, mask=None, outputs=None) -> dict[str, Path]:
     """ΔBP_ND and percent-change maps from two BP_ND NIfTI maps.
 
     Parameters
@@ -192,6 +145,8 @@ def change_maps(baseline_path, post_path, out_prefix, mask=None) -> dict[str, Pa
         use the baseline map's affine.
     mask : ndarray of bool, optional
         Voxels outside are NaN.
+    outputs : petbind.quant.outputs.OutputSet, optional
+        Stage the files in this set (the caller commits).
 
     Returns
     -------
@@ -199,15 +154,8 @@ def change_maps(baseline_path, post_path, out_prefix, mask=None) -> dict[str, Pa
         ``{"delta": path, "percent": path}`` plus the arrays under
         ``"delta_array"``/``"percent_array"``.
     """
-    img_b, aff_b = _load_nifti(baseline_path)
-    img_p, aff_p = _load_nifti(post_path)
-    b = np.asarray(img_b.get_fdata(), dtype=np.float64)
-    p = np.asarray(img_p.get_fdata(), dtype=np.float64)
-    for arr, name in ((b, baseline_path), (p, post_path)):
-        if arr.ndim == 4 and arr.shape[3] == 1:
-            arr.shape = arr.shape[:3]
-        if arr.ndim != 3:
-            raise ValueError(f"{name}: expected a 3-D BP_ND map, got shape {arr.shape}")
+    b, aff_b = load_map(baseline_path)
+    p, aff_p = load_map(post_path)
     check_same_grid(b.shape, aff_b, str(baseline_path), p.shape, aff_p, str(post_path))
     delta = p - b
     pct = percent_change(b, p)
@@ -217,137 +165,20 @@ def change_maps(baseline_path, post_path, out_prefix, mask=None) -> dict[str, Pa
         pct = np.where(mask, pct, np.nan)
     common = {"Sources": [str(baseline_path), str(post_path)], "SpatialReference": str(baseline_path)}
     prefix = str(out_prefix)
-    d_path = save_nifti(prefix + "_delta-bpnd.nii.gz", delta, aff_b, {
-        **common, "Description": "BP_ND change, post - baseline", "Units": "unitless",
-        "Formula": "delta = BP_post - BP_baseline"})
-    p_path = save_nifti(prefix + "_pctchange-bpnd.nii.gz", pct, aff_b, {
-        **common, "Description": "BP_ND percent change", "Units": "percent",
-        "Formula": "100 * (BP_post - BP_baseline) / BP_baseline; n/a (NaN) where BP_baseline <= 0"})
+    with output_set(outputs) as outs:
+        d_path = save_nifti(prefix + "_delta-bpnd.nii.gz", delta, aff_b, {
+            **common, "Description": "BP_ND change, post - baseline", "Units": "unitless",
+            "Formula": "delta = BP_post - BP_baseline"}, outputs=outs)
+        p_path = save_nifti(prefix + "_pctchange-bpnd.nii.gz", pct, aff_b, {
+            **common, "Description": "BP_ND percent change", "Units": "percent",
+            "Formula": "100 * (BP_post - BP_baseline) / BP_baseline; n/a (NaN) where BP_baseline <= 0"},
+            outputs=outs)
     return {"delta": d_path, "percent": p_path, "delta_array": delta, "percent_array": pct}
 
 
 # --------------------------------------------------------------------------
 # study level
 # --------------------------------------------------------------------------
-@dataclass
-class StudyData:
-    """Regional BP_ND of a two-session study.
-
-    Attributes
-    ----------
-    participant_ids : list of str
-        With the ``sub-`` prefix.
-    groups : list of str
-        Group of each participant.
-    region_names : list of str
-    baseline, post : ndarray, shape (n_subjects, n_regions)
-        BP_ND; NaN for failed fits.
-    baseline_files, post_files : list of Path
-    """
-
-    participant_ids: list
-    groups: list
-    region_names: list
-    baseline: np.ndarray
-    post: np.ndarray
-    baseline_files: list
-    post_files: list
-
-    @property
-    def group_names(self) -> list:
-        """Groups in order of first appearance in participants.tsv."""
-        return list(dict.fromkeys(self.groups))
-
-
-def read_participants(path, group_column: str = "group") -> list[tuple[str, str]]:
-    """Read ``participants.tsv`` -> list of (``sub-<id>``, group).
-
-    Raises
-    ------
-    ValueError
-        Missing ``participant_id`` or group column, empty or ``n/a`` group,
-        duplicate participants.
-    """
-    _, rows = read_table_tsv(path, required=("participant_id", group_column))
-    out = []
-    seen = set()
-    for lineno, row in enumerate(rows, start=2):
-        pid = row["participant_id"]
-        if not pid or pid == "n/a":
-            raise ValueError(f"{path}: column 'participant_id' line {lineno} is empty")
-        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
-        if pid in seen:
-            raise ValueError(f"{path}: column 'participant_id' value '{pid}' appears twice")
-        seen.add(pid)
-        grp = row[group_column]
-        if not grp or grp.lower() == "n/a":
-            raise ValueError(f"{path}: column '{group_column}' line {lineno} ({pid}) has no group")
-        out.append((pid, grp))
-    if not out:
-        raise ValueError(f"{path}: no participants listed")
-    return out
-
-
-def _find_one(study_dir: Path, pid: str, session: str, patterns: Sequence[str], required: bool = True):
-    ses_dir = study_dir / pid / f"ses-{session}"
-    if not ses_dir.is_dir():
-        if required:
-            raise ValueError(f"{ses_dir}: session folder not found (expected DIR/{pid}/ses-{session}/)")
-        return None
-    hits = sorted({p for pat in patterns for p in ses_dir.rglob(pat)})
-    if not hits:
-        if required:
-            raise ValueError(f"{ses_dir}: no file matching {list(patterns)} found (expected one fit result)")
-        return None
-    if len(hits) > 1:
-        raise ValueError(f"{ses_dir}: {len(hits)} files match {list(patterns)} ({[str(h) for h in hits]}); expected one")
-    return hits[0]
-
-
-def load_study(study_dir, baseline_session: str = "baseline", post_session: str = "postdose",
-               group_column: str = "group", result_pattern: str = "*_bpnd.tsv") -> StudyData:
-    """Read participants and regional BP_ND of both sessions (layout in module docstring).
-
-    Parameters
-    ----------
-    study_dir : str or path-like
-    baseline_session, post_session : str
-        Session labels (folders ``ses-<label>``).
-    group_column : str
-        Column of ``participants.tsv`` holding the group.
-    result_pattern : str
-        Glob of the fit result inside each session folder (searched
-        recursively), e.g. ``*_model-srtm_bpnd.tsv`` when several models were
-        fitted.
-
-    Raises
-    ------
-    ValueError
-        Missing files or sessions, region lists that differ between files.
-    """
-    study_dir = Path(study_dir)
-    if not study_dir.is_dir():
-        raise ValueError(f"{study_dir}: study folder not found")
-    participants = read_participants(study_dir / "participants.tsv", group_column)
-    regions: list | None = None
-    first_file = None
-    base_rows, post_rows, bfiles, pfiles = [], [], [], []
-    for pid, _ in participants:
-        for session, rows_out, files_out in ((baseline_session, base_rows, bfiles), (post_session, post_rows, pfiles)):
-            f = _find_one(study_dir, pid, session, (result_pattern,))
-            vals = read_bpnd_tsv(f)
-            if regions is None:
-                regions, first_file = list(vals), f
-            elif sorted(vals) != sorted(regions):
-                missing = [r for r in regions if r not in vals]
-                extra = [r for r in vals if r not in regions]
-                raise ValueError(f"{f}: regions differ from {first_file}: missing {missing}, extra {extra}")
-            rows_out.append([vals[r] for r in regions])
-            files_out.append(f)
-    return StudyData([p for p, _ in participants], [g for _, g in participants], regions,
-                     np.array(base_rows, dtype=np.float64), np.array(post_rows, dtype=np.float64), bfiles, pfiles)
-
-
 WITHIN_GROUP_COLUMNS = [
     "group", "region", "n", "mean_bp_nd_baseline", "mean_bp_nd_post", "mean_delta_bp_nd", "sd_delta_bp_nd",
     "ci95_low", "ci95_high", "mean_percent_change", "t", "df", "p_t", "p_t_holm", "p_t_fdr_bh",
@@ -463,64 +294,86 @@ def interaction_statistics(data: StudyData, n_permutations: int = 10000, seed: i
     return rows
 
 
-def _voxelwise(study_dir: Path, data: StudyData, baseline_session: str, post_session: str, out_dir: Path,
-               figures: bool) -> dict[str, Path]:
-    """Per-group voxelwise paired t-map of the BP_ND change, if every subject has both maps."""
-    out: dict[str, Path] = {}
-    pats = ("*_bpnd.nii.gz", "*_bpnd.nii")
+def voxelwise_statistics(study_dir, data: StudyData, baseline_session: str = "baseline",
+                         post_session: str = "postdose") -> dict[str, dict]:
+    """Per-group voxelwise paired t-test of the BP_ND change (maps from :func:`load_bpnd_maps`).
+
+    Returns
+    -------
+    dict
+        group -> ``{"mean", "t", "p", "p_fdr": arrays (x, y, z), "affine", "n", "files"}``;
+        groups with fewer than 2 subjects are left out (with a warning).
+    """
+    out = {}
+    grid = None
     for g in data.group_names:
         pids = [p for p, gg in zip(data.participant_ids, data.groups) if gg == g]
-        b_maps, p_maps = [], []
-        ref_shape = ref_aff = ref_name = None
-        for pid in pids:
-            for session, acc in ((baseline_session, b_maps), (post_session, p_maps)):
-                f = _find_one(study_dir, pid, session, pats, required=True)
-                img, aff = _load_nifti(f)
-                arr = np.asarray(img.get_fdata(), dtype=np.float64)
-                if arr.ndim == 4 and arr.shape[3] == 1:
-                    arr = arr[..., 0]
-                if arr.ndim != 3:
-                    raise ValueError(f"{f}: expected a 3-D BP_ND map, got shape {arr.shape}")
-                if ref_shape is None:
-                    ref_shape, ref_aff, ref_name = arr.shape, aff, str(f)
-                check_same_grid(ref_shape, ref_aff, ref_name, arr.shape, aff, str(f))
-                acc.append(arr)
         if len(pids) < 2:
             logger.warning("group %s: fewer than 2 subjects, no voxelwise t-map", g)
             continue
-        mean, t, p = stats.paired_t_map(np.stack(b_maps), np.stack(p_maps))
+        base, grid, files = load_bpnd_maps(study_dir, pids, baseline_session, reference=grid)
+        post, grid, _ = load_bpnd_maps(study_dir, pids, post_session, reference=grid)
+        mean, t, p = stats.paired_t_map(base, post)
+        out[g] = {"mean": mean, "t": t, "p": p, "p_fdr": stats.benjamini_hochberg(p), "affine": grid[1],
+                  "n": len(pids), "files": files}
+    return out
+
+
+def _write_voxelwise(outs: OutputSet, out_dir: Path, results: dict, figures: bool) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for g, r in results.items():
         side = {"Description": f"voxelwise paired t-test of BP_ND change (post - baseline), group {g}",
-                "Group": g, "NumberOfSubjects": len(pids), "DegreesOfFreedom": len(pids) - 1,
-                "Sources": [str(x) for x in data.baseline_files]}
-        out[f"{g}_tmap"] = save_nifti(out_dir / f"group-{g}_stat-t_bpndchange.nii.gz", t, ref_aff,
-                                      {**side, "Units": "t"})
-        out[f"{g}_meandelta"] = save_nifti(out_dir / f"group-{g}_stat-meandelta_bpndchange.nii.gz", mean, ref_aff,
-                                           {**side, "Units": "unitless"})
-        out[f"{g}_p"] = save_nifti(out_dir / f"group-{g}_stat-p_bpndchange.nii.gz", p, ref_aff,
-                                   {**side, "Units": "p (two-sided, uncorrected)"})
-        out[f"{g}_pfdr"] = save_nifti(out_dir / f"group-{g}_stat-pfdr_bpndchange.nii.gz",
-                                      stats.benjamini_hochberg(p), ref_aff,
-                                      {**side, "Units": "p (two-sided, Benjamini-Hochberg FDR over tested voxels)"})
+                "Group": g, "NumberOfSubjects": r["n"], "DegreesOfFreedom": r["n"] - 1,
+                "Sources": [str(x) for x in r["files"]]}
+        for key, stat, units in (("tmap", "t", "t"), ("meandelta", "mean", "unitless"),
+                                 ("p", "p", "p (two-sided, uncorrected)"),
+                                 ("pfdr", "p_fdr", "p (two-sided, Benjamini-Hochberg FDR over tested voxels)")):
+            name = "t" if key == "tmap" else key
+            out[f"{g}_{key}"] = save_nifti(out_dir / f"group-{g}_stat-{name}_bpndchange.nii.gz", r[stat],
+                                           r["affine"], {**side, "Units": units}, outputs=outs)
         if figures:
             from petbind.quant.figures import plot_change_montage
-            out[f"{g}_tmap_png"] = plot_change_montage(out_dir / f"group-{g}_stat-t_bpndchange.png", t,
-                                                       title=f"paired t of ΔBP_ND, {g}", label="t")
+
+            out[f"{g}_tmap_png"] = outs.write(out_dir / f"group-{g}_stat-t_bpndchange.png", plot_change_montage,
+                                              r["t"], title=f"paired t of ΔBP_ND, {g}", label="t")
     return out
+
+
+SUBJECT_CHANGE_COLUMNS = ["participant_id", "group", "region", "bp_nd_baseline", "bp_nd_post", "delta_bp_nd",
+                          "percent_change"]
+
+
+def subject_change_rows(data: StudyData) -> list[list]:
+    """Rows of :data:`SUBJECT_CHANGE_COLUMNS`: BP_ND of both sessions and the change, per subject and region."""
+    rows = []
+    pct = percent_change(data.baseline, data.post)
+    for i, pid in enumerate(data.participant_ids):
+        for j, region in enumerate(data.region_names):
+            b, p = data.baseline[i, j], data.post[i, j]
+            rows.append([pid, data.groups[i], region, b, p, p - b, pct[i, j]])
+    return rows
 
 
 def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_session: str = "postdose",
               group_column: str = "group", n_permutations: int = 10000, seed: int = 0,
               voxelwise: bool = False, figures: bool = True,
-              progress: bool = False, result_pattern: str = "*_bpnd.tsv") -> dict[str, Path]:
+              progress: bool = False, result_pattern: str = "*_bpnd.tsv", groups=None) -> dict[str, Path]:
     """Whole-study comparison: tables (TSV), figures (PNG), optional voxelwise maps.
 
-    Parameters are those of :func:`load_study`, :func:`interaction_statistics`
-    and :func:`within_group_statistics`; ``figures`` switches the PNGs off.
+    Parameters are those of :func:`petbind.quant.study_files.load_study`,
+    :func:`interaction_statistics` and :func:`within_group_statistics`;
+    ``figures`` switches the PNGs off.  ``groups`` declares the groups, e.g.
+    ``("drug", "placebo")``: then every participant must be in one of them,
+    each must have a participant and every subject folder must be listed in
+    ``participants.tsv`` (``ValueError`` otherwise); the tables follow the
+    declared order.
 
     Writes to ``out_dir``: ``subject_changes.tsv`` (per subject and region),
     ``within_group.tsv``, ``group_by_time.tsv`` (only with two or more
     groups), ``region_changes.png`` (mean ΔBP_ND with CIs per group) and,
-    with ``voxelwise``, per-group t, mean-change and p maps.
+    with ``voxelwise``, per-group t, mean-change and p maps.  Every file is
+    computed before the first is renamed into place: after an error none of
+    them is new or changed.
 
     Returns
     -------
@@ -529,38 +382,34 @@ def run_study(study_dir, out_dir, baseline_session: str = "baseline", post_sessi
     """
     study_dir = Path(study_dir)
     out_dir = Path(out_dir)
-    data = load_study(study_dir, baseline_session, post_session, group_column, result_pattern)
-    logger.info("study %s: %d subjects, groups %s, %d regions", study_dir, len(data.participant_ids),
-                data.group_names, len(data.region_names))
-    out: dict[str, Path] = {}
-    subj_rows = []
-    pct = percent_change(data.baseline, data.post)
-    for i, pid in enumerate(data.participant_ids):
-        for j, region in enumerate(data.region_names):
-            b, p = data.baseline[i, j], data.post[i, j]
-            subj_rows.append([pid, data.groups[i], region, b, p, p - b, pct[i, j]])
-    out["subject_changes"] = write_table_tsv(
-        out_dir / "subject_changes.tsv",
-        ["participant_id", "group", "region", "bp_nd_baseline", "bp_nd_post", "delta_bp_nd", "percent_change"],
-        subj_rows)
-    within = within_group_statistics(data)
-    out["within_group"] = write_table_tsv(out_dir / "within_group.tsv", WITHIN_GROUP_COLUMNS, within)
-    if len(data.group_names) >= 2:
-        inter = interaction_statistics(data, n_permutations, seed, progress=progress)
-        out["group_by_time"] = write_table_tsv(out_dir / "group_by_time.tsv", INTERACTION_COLUMNS, inter)
-    else:
-        logger.warning("only one group (%s): no group x time interaction", data.group_names)
-    if figures:
-        from petbind.quant.figures import plot_region_changes
-        cols = WITHIN_GROUP_COLUMNS
-        series = {}
-        for g in data.group_names:
-            rows = [r for r in within if r[0] == g]
-            series[g] = tuple(np.array([r[cols.index(c)] for r in rows], dtype=float)
-                              for c in ("mean_delta_bp_nd", "ci95_low", "ci95_high"))
-        out["region_changes_png"] = plot_region_changes(
-            out_dir / "region_changes.png", data.region_names, series,
-            title=f"BP$_{{ND}}$ change ({post_session} - {baseline_session}), mean and {CONFIDENCE:.0%} CI")
-    if voxelwise:
-        out.update(_voxelwise(study_dir, data, baseline_session, post_session, out_dir, figures))
+    with OutputSet() as outs:
+        data = load_study(study_dir, baseline_session, post_session, group_column, result_pattern, groups)
+        logger.info("study %s: %d subjects, groups %s, %d regions", study_dir, len(data.participant_ids),
+                    data.group_names, len(data.region_names))
+        out: dict[str, Path] = {}
+        out["subject_changes"] = outs.write(out_dir / "subject_changes.tsv", write_table_tsv,
+                                            SUBJECT_CHANGE_COLUMNS, subject_change_rows(data))
+        within = within_group_statistics(data)
+        out["within_group"] = outs.write(out_dir / "within_group.tsv", write_table_tsv, WITHIN_GROUP_COLUMNS, within)
+        if len(data.group_names) >= 2:
+            inter = interaction_statistics(data, n_permutations, seed, progress=progress)
+            out["group_by_time"] = outs.write(out_dir / "group_by_time.tsv", write_table_tsv, INTERACTION_COLUMNS,
+                                              inter)
+        else:
+            logger.warning("only one group (%s): no group x time interaction", data.group_names)
+        if figures:
+            from petbind.quant.figures import plot_region_changes
+
+            cols = WITHIN_GROUP_COLUMNS
+            series = {}
+            for g in data.group_names:
+                rows = [r for r in within if r[0] == g]
+                series[g] = tuple(np.array([r[cols.index(c)] for r in rows], dtype=float)
+                                  for c in ("mean_delta_bp_nd", "ci95_low", "ci95_high"))
+            out["region_changes_png"] = outs.write(
+                out_dir / "region_changes.png", plot_region_changes, data.region_names, series,
+                title=f"BP$_{{ND}}$ change ({post_session} - {baseline_session}), mean and {CONFIDENCE:.0%} CI")
+        if voxelwise:
+            results = voxelwise_statistics(study_dir, data, baseline_session, post_session)
+            out.update(_write_voxelwise(outs, out_dir, results, figures))
     return out

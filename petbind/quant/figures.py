@@ -33,7 +33,7 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 def _save(fig: Figure, path, dpi: int = 100) -> Path:
     with atomic_output(path, make_parents=True) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return Path(path)
 
 

@@ -22,7 +22,8 @@ Treatment of bad values (decided once, here)
   they are counted and reported with a ``logging`` warning, never clipped.
 
 Every file is written to a temporary name in the destination folder and then
-``os.replace``-d, so a crash never leaves a half-written output.
+``os.replace``-d, so a crash never leaves a half-written output (see
+:mod:`petbind.quant.outputs` for files that must appear together).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Sequence
 import numpy as np
 
 from petbind.core.files import (
-    atomic_output,
     read_json,
     read_table_tsv,
     sidecar_path_for,
@@ -44,6 +44,7 @@ from petbind.core.files import (
     write_table_tsv,
 )
 from petbind.core.frames import validate_frame_times
+from petbind.quant.outputs import output_set
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ __all__ = [
     "write_tacs_tsv",
     "load_pet",
     "load_atlas",
+    "load_map",
     "check_same_grid",
     "save_nifti",
 ]
@@ -310,6 +312,94 @@ def _load_nifti(path):
     return img, affine
 
 
+def _gzip_complete(path, img) -> None:
+    """Refuse a ``.nii.gz`` whose gzip stream is cut short.
+
+    nibabel decompresses only as far as the voxels reach, so a file that lost
+    its last bytes (the end of the stream and the gzip trailer) can still
+    give every voxel, and is then read without an error.  The trailer's
+    ISIZE field (uncompressed size mod 2**32) must equal the size the header
+    implies; otherwise (a truncated file, or a legitimately unusual one such
+    as multi-member gzip) the stream is decompressed to its end, which checks
+    the end-of-stream marker and the CRC.
+    """
+    import gzip
+    import zlib
+
+    hdr = img.header
+    expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() >= 18:  # smallest gzip member: 10-byte header + 8-byte trailer
+            fh.seek(-4, os.SEEK_END)
+            if int.from_bytes(fh.read(4), "little") == expected % 2**32:
+                return
+    n = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while chunk := g.read(1 << 24):
+                n += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: cannot read the image data ({exc.__class__.__name__}: {exc}); the file is truncated or corrupt"
+        ) from None
+    if n < expected:
+        raise ValueError(f"{path}: the file holds {n} bytes of image data but its header needs {expected}; "
+                         "the file is truncated")
+
+
+def _image_array(img, path, fdata_dtype=None) -> np.ndarray:
+    """The voxel array of a loaded image; a truncated or corrupt file is a ``ValueError`` naming it.
+
+    nibabel reads the header at ``load`` and the voxels only here, so this is
+    where a truncated ``.nii.gz`` (EOFError), a short ``.nii`` (OSError) or
+    damaged compressed data (zlib.error) shows up.
+    """
+    import zlib
+
+    try:
+        if fdata_dtype is None:
+            data = np.asarray(img.dataobj)
+        else:
+            data = img.get_fdata(dtype=fdata_dtype)
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise ValueError(
+            f"{path}: cannot read the image data ({exc.__class__.__name__}: {exc}); the file is truncated or corrupt"
+        ) from None
+    if str(path).endswith(".gz"):
+        _gzip_complete(path, img)
+    return data
+
+
+def load_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3-D map (e.g. BP_ND) as float64.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.nii``/``.nii.gz``, shape (x, y, z) or (x, y, z, 1).
+
+    Returns
+    -------
+    data : ndarray, shape (x, y, z)
+    affine : ndarray, shape (4, 4)
+
+    Raises
+    ------
+    FileNotFoundError
+        Missing file.
+    ValueError
+        Unreadable, truncated or not 3-D.
+    """
+    img, affine = _load_nifti(path)
+    arr = np.asarray(_image_array(img, path, np.float64), dtype=np.float64)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D map, got shape {arr.shape}")
+    return arr, affine
+
+
 def _sidecar_number_list(sidecar: dict, key: str, json_path) -> np.ndarray:
     if key not in sidecar:
         raise ValueError(f"{json_path}: field '{key}' missing; PET-BIDS sidecar needs FrameTimesStart and FrameDuration (s)")
@@ -391,7 +481,8 @@ def load_pet(nifti_path: str | os.PathLike, json_path: str | os.PathLike | None 
         raise ValueError(
             f"{json_path}: field 'Units' is {units!r}; expected one of Bq/mL, kBq/mL, MBq/mL"
         )
-    data = np.asarray(img.get_fdata(dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64), dtype=dtype)
+    data = np.asarray(_image_array(img, nifti_path, np.float32 if np.dtype(dtype) == np.float32 else np.float64),
+                      dtype=dtype)
     data = data.reshape(shape)
     if factor != 1.0:
         data *= factor
@@ -433,7 +524,7 @@ def load_atlas(label_nifti: str | os.PathLike, label_tsv: str | os.PathLike) -> 
     label_nifti = Path(label_nifti)
     label_tsv = Path(label_tsv)
     img, affine = _load_nifti(label_nifti)
-    data = np.asarray(img.dataobj)
+    data = _image_array(img, label_nifti)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -500,17 +591,42 @@ def check_same_grid(shape_a, affine_a, name_a, shape_b, affine_b, name_b, atol_m
         )
 
 
-def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, sidecar: dict | None = None) -> Path:
-    """Save a NIfTI image (float32 for float data) atomically, with optional JSON sidecar."""
+def _write_nifti(path, data, affine) -> None:
     import nibabel as nib
 
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, sidecar: dict | None = None,
+               outputs=None) -> Path:
+    """Save a NIfTI image (float32 for float data) and optional JSON sidecar, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.nii`` or ``.nii.gz`` destination.
+    data : ndarray
+        Image, ``(x, y, z[, t])``.
+    affine : array_like, shape (4, 4)
+        Voxel-to-RAS+ affine in mm.
+    sidecar : dict, optional
+        JSON sidecar written next to the image.
+    outputs : petbind.quant.outputs.OutputSet, optional
+        Stage both files in this set (the caller commits); default: image and
+        sidecar appear together when this call returns.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     data = np.asarray(data)
     if np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.float32)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm", "sec")
-    with atomic_output(path, make_parents=True) as tmp:
-        nib.save(img, str(tmp))
-    if sidecar is not None:
-        write_json(sidecar_path_for(path), sidecar)
+    with output_set(outputs) as outs:
+        outs.write(path, _write_nifti, data, affine)
+        if sidecar is not None:
+            outs.write(sidecar_path_for(path), write_json, sidecar)
     return Path(path)

@@ -1,8 +1,11 @@
-"""Statistics for baseline vs post-dose binding studies.
+"""Statistics for baseline vs post-dose binding studies, through ``scipy.stats``.
 
-Everything here is implemented from the textbook formulas (the tests compare
-against ``scipy.stats`` and hand-computed values); ``scipy.stats`` is used only
-for the t, normal distribution functions.
+The tests are those of :mod:`scipy.stats` (``ttest_rel``, ``wilcoxon``,
+``ttest_ind(equal_var=False)``, ``permutation_test``,
+``false_discovery_control``); this module fixes the choices a study table
+needs (two-sided, which Wilcoxon method, exact enumeration when cheap, NaN
+handling) and adds what scipy lacks: Hedges' effect sizes, the Holm
+adjustment and a voxelwise paired t-map that runs on NumPy or CuPy.
 
 Effect sizes (documented choice)
 --------------------------------
@@ -30,7 +33,6 @@ Stat Appl Genet Mol Biol 9:39.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 from scipy import stats as _sps
+
+from petbind.core.device import array_module, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +59,8 @@ __all__ = [
     "paired_t_map",
 ]
 
-#: Above this many non-zero differences the Wilcoxon test uses the normal
-#: approximation (same threshold as scipy's ``method='auto'``).
+#: Above this many non-zero differences (or with tied ``|d|``) the Wilcoxon
+#: test uses the normal approximation (scipy's ``method='auto'`` threshold).
 WILCOXON_EXACT_MAX_N = 50
 
 
@@ -67,8 +71,18 @@ def _as_1d(x, name: str) -> np.ndarray:
     return arr
 
 
+def _pairs(baseline, post, what: str):
+    b = _as_1d(baseline, "baseline")
+    p = _as_1d(post, "post")
+    if b.size != p.size:
+        raise ValueError(f"{what}: baseline has {b.size} values, post has {p.size}; expected pairs")
+    return b, p
+
+
 def hedges_correction(df) -> np.ndarray:
     """Exact small-sample bias correction :math:`J(\\nu)` of Hedges (1981).
+
+    ``scipy.stats`` has no effect sizes, so this one is written out.
 
     Parameters
     ----------
@@ -153,12 +167,6 @@ class WelchResult:
     hedges_g: float
 
 
-def _t_p_two_sided(t: float, df: float) -> float:
-    if math.isnan(t) or math.isnan(df):
-        return math.nan
-    return float(2.0 * _sps.t.sf(abs(t), df))
-
-
 def paired_t(baseline, post, confidence: float = 0.95):
     """Paired t-test and effect size of ``post - baseline``.
 
@@ -177,57 +185,30 @@ def paired_t(baseline, post, confidence: float = 0.95):
 
     Notes
     -----
+    ``scipy.stats.ttest_rel`` and its ``confidence_interval``:
     :math:`t = \\bar d / (s_d/\\sqrt n)`, ``df = n - 1``, CI
     :math:`\\bar d \\pm t_{(1+c)/2, n-1}\\, s_d/\\sqrt n`.  With ``s_d = 0``
-    the test is undefined and ``t``, ``p_t`` are NaN.
+    the test is undefined (scipy reports ``t = ±inf, p = 0``): here ``t``,
+    ``p_t`` and the effect sizes are NaN and the interval is the mean.
     """
-    b = _as_1d(baseline, "baseline")
-    p = _as_1d(post, "post")
-    if b.size != p.size:
-        raise ValueError(f"paired_t: baseline has {b.size} values, post has {p.size}; expected pairs")
+    b, p = _pairs(baseline, post, "paired_t")
     d = p - b
     n = d.size
     if n < 2:
         raise ValueError(f"paired_t: need at least 2 pairs, got {n}")
     mean = float(d.mean())
     sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
-    df = n - 1
-    if sd > 0:
-        t = mean / se
-        dz = mean / sd
-    else:
-        t = math.nan
-        dz = math.nan
-    half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * se
-    return dict(n=n, mean_diff=mean, sd_diff=sd, ci_low=mean - half, ci_high=mean + half, t=t, df=float(df),
-                p_t=_t_p_two_sided(t, df), cohens_dz=dz, hedges_gz=float(hedges_correction(df)) * dz)
-
-
-def _signed_rank_counts(n: int) -> np.ndarray:
-    """Number of subsets of {1..n} with each sum 0..n(n+1)/2 (exact W+ null)."""
-    total = n * (n + 1) // 2
-    counts = np.zeros(total + 1, dtype=np.float64)
-    counts[0] = 1.0
-    for k in range(1, n + 1):
-        # right-hand side is built from the old counts, so rank k is used at most once
-        counts[k:] = counts[k:] + counts[:-k]
-    return counts
-
-
-def _rank_average(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(x.size, dtype=np.float64)
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return ranks
+    df = float(n - 1)
+    if sd == 0:
+        nan = math.nan
+        return dict(n=n, mean_diff=mean, sd_diff=sd, ci_low=mean, ci_high=mean, t=nan, df=df, p_t=nan,
+                    cohens_dz=nan, hedges_gz=nan)
+    res = _sps.ttest_rel(p, b)
+    ci = res.confidence_interval(confidence)
+    dz = mean / sd
+    return dict(n=n, mean_diff=mean, sd_diff=sd, ci_low=float(ci.low), ci_high=float(ci.high),
+                t=float(res.statistic), df=df, p_t=float(res.pvalue), cohens_dz=dz,
+                hedges_gz=float(hedges_correction(df)) * dz)
 
 
 def wilcoxon_signed_rank(baseline, post):
@@ -244,46 +225,27 @@ def wilcoxon_signed_rank(baseline, post):
     p : float
         Two-sided p-value; NaN if all differences are zero.
     method : str
-        ``"exact"`` (no ties, at most 50 non-zero differences: exact null
-        distribution of :math:`W^+`) or ``"normal"`` (normal approximation
-        with tie correction, no continuity correction).
+        ``"exact"`` (no tied ``|d|``, at most :data:`WILCOXON_EXACT_MAX_N`
+        non-zero differences: exact null distribution of :math:`W^+`) or
+        ``"normal"`` (normal approximation with tie correction, no
+        continuity correction).
 
     Notes
     -----
-    Zero differences are discarded before ranking (Wilcoxon's original
-    treatment, also scipy's default ``zero_method="wilcox"``).  Normal
-    approximation: :math:`z = (W^+ - n(n+1)/4)/\\sigma`,
-    :math:`\\sigma^2 = n(n+1)(2n+1)/24 - \\sum (t^3-t)/48` over tie groups.
-    Exact: :math:`p = \\min(1, 2\\min(P(W^+ \\le w^+), P(W^+ \\ge w^+)))`.
+    ``scipy.stats.wilcoxon`` on the non-zero differences (Wilcoxon's own
+    treatment of zeros, scipy's ``zero_method="wilcox"``), with the method
+    chosen here so that the table can say which one was used.
     """
-    b = _as_1d(baseline, "baseline")
-    p = _as_1d(post, "post")
-    if b.size != p.size:
-        raise ValueError(f"wilcoxon: baseline has {b.size} values, post has {p.size}; expected pairs")
+    b, p = _pairs(baseline, post, "wilcoxon")
     d = p - b
     d = d[d != 0]
-    n = d.size
-    if n == 0:
+    if d.size == 0:
         return 0.0, math.nan, "exact"
-    ranks = _rank_average(np.abs(d))
-    w_plus = float(ranks[d > 0].sum())
-    w_minus = float(ranks[d < 0].sum())
-    w = min(w_plus, w_minus)
     _, tie_counts = np.unique(np.abs(d), return_counts=True)
-    has_ties = bool(np.any(tie_counts > 1))
-    if not has_ties and n <= WILCOXON_EXACT_MAX_N:
-        counts = _signed_rank_counts(n)
-        prob = counts / counts.sum()
-        k = int(round(w_plus))
-        p_low = float(prob[: k + 1].sum())
-        p_high = float(prob[k:].sum())
-        return w, min(1.0, 2.0 * min(p_low, p_high)), "exact"
-    mean = n * (n + 1) / 4.0
-    var = n * (n + 1) * (2 * n + 1) / 24.0 - float(np.sum(tie_counts**3 - tie_counts)) / 48.0
-    if var <= 0:
-        return w, math.nan, "normal"
-    z = (w_plus - mean) / math.sqrt(var)
-    return w, float(2.0 * _sps.norm.sf(abs(z))), "normal"
+    exact = not np.any(tie_counts > 1) and d.size <= WILCOXON_EXACT_MAX_N
+    res = _sps.wilcoxon(d, zero_method="wilcox", correction=False, alternative="two-sided",
+                        method="exact" if exact else "asymptotic")
+    return float(res.statistic), float(res.pvalue), "exact" if exact else "normal"
 
 
 def paired_test(baseline, post, confidence: float = 0.95) -> PairedResult:
@@ -312,10 +274,10 @@ def welch_t(a, b, confidence: float = 0.95) -> WelchResult:
 
     Notes
     -----
-    :math:`t = (\\bar a - \\bar b)/\\sqrt{s_a^2/n_a + s_b^2/n_b}`, with
-    Welch-Satterthwaite
-    :math:`\\nu = (s_a^2/n_a + s_b^2/n_b)^2 / [(s_a^2/n_a)^2/(n_a-1) +
-    (s_b^2/n_b)^2/(n_b-1)]`.
+    ``scipy.stats.ttest_ind(equal_var=False)`` and its
+    ``confidence_interval`` (Welch-Satterthwaite degrees of freedom).  When
+    both samples are constant the test is undefined: ``t``, ``df``, ``p`` and
+    the interval are NaN.
     """
     a = _as_1d(a, "group a")
     b = _as_1d(b, "group b")
@@ -324,19 +286,21 @@ def welch_t(a, b, confidence: float = 0.95) -> WelchResult:
         raise ValueError(f"welch_t: need at least 2 values per group, got {na} and {nb}")
     ma, mb = float(a.mean()), float(b.mean())
     va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
-    qa, qb = va / na, vb / nb
-    se = math.sqrt(qa + qb)
     diff = ma - mb
-    if se > 0:
-        df = (qa + qb) ** 2 / (qa**2 / (na - 1) + qb**2 / (nb - 1))
-        t = diff / se
-        half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * se
+    if va + vb > 0:
+        res = _sps.ttest_ind(a, b, equal_var=False)
+        ci = res.confidence_interval(confidence)
+        t, df, p, lo, hi = (float(v) for v in (res.statistic, res.df, res.pvalue, ci.low, ci.high))
     else:
-        df = t = half = math.nan
+        t = df = p = lo = hi = math.nan
     df_pool = na + nb - 2
     sp = math.sqrt(((na - 1) * va + (nb - 1) * vb) / df_pool)
     g = float(hedges_correction(df_pool)) * diff / sp if sp > 0 else math.nan
-    return WelchResult(na, nb, ma, mb, diff, diff - half, diff + half, t, df, _t_p_two_sided(t, df), g)
+    return WelchResult(na, nb, ma, mb, diff, lo, hi, t, df, p, g)
+
+
+def _abs_mean_difference(x, y, axis):
+    return np.abs(x.mean(axis=axis) - y.mean(axis=axis))
 
 
 def permutation_test(a, b, n_permutations: int = 10000, rng=None):
@@ -367,6 +331,15 @@ def permutation_test(a, b, n_permutations: int = 10000, rng=None):
         Relabelings evaluated.
     exact : bool
         Whether all relabelings were enumerated.
+
+    Notes
+    -----
+    ``scipy.stats.permutation_test`` (independent samples) with the statistic
+    :math:`|\\bar a - \\bar b|` and ``alternative="greater"``: this counts
+    relabelings at least as extreme in either direction.  scipy's own
+    ``"two-sided"`` doubles the smaller one-sided p instead, which differs
+    when the groups have different sizes (the null distribution of the
+    difference is then not symmetric).
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -382,55 +355,29 @@ def permutation_test(a, b, n_permutations: int = 10000, rng=None):
     na, nb = a2.shape[0], b2.shape[0]
     if na < 1 or nb < 1:
         raise ValueError(f"permutation_test: need at least one value per group, got {na} and {nb}")
-    x = np.concatenate([a2, b2], axis=0)
-    n = na + nb
-    total = x.sum(axis=0)
-    observed = a2.mean(axis=0) - b2.mean(axis=0)
-    n_relabel = math.comb(n, na)
+    res = _sps.permutation_test((a2, b2), _abs_mean_difference, permutation_type="independent",
+                                vectorized=True, n_resamples=int(n_permutations), alternative="greater",
+                                axis=0, rng=rng)
+    n_relabel = math.comb(na + nb, na)
     exact = n_relabel <= n_permutations
-    if exact:
-        members = np.zeros((n_relabel, n), dtype=bool)
-        for i, combo in enumerate(itertools.combinations(range(n), na)):
-            members[i, list(combo)] = True
-        n_used = n_relabel
-    else:
-        if not isinstance(rng, np.random.Generator):
-            rng = np.random.default_rng(rng)
-        keys = rng.random((n_permutations, n))
-        order = np.argsort(keys, axis=1)[:, :na]
-        members = np.zeros((n_permutations, n), dtype=bool)
-        np.put_along_axis(members, order, True, axis=1)
-        n_used = n_permutations
-    sum_a = members.astype(np.float64) @ x  # (n_used, k)
-    stat = sum_a / na - (total - sum_a) / nb
-    # Tolerance: relabelings that give the observed |T| up to rounding count as ties.
-    tol = 1e-12 * np.maximum(1.0, np.abs(observed))
-    count = np.sum(np.abs(stat) >= np.abs(observed) - tol, axis=0)
-    if exact:
-        p = count / n_used
-    else:
-        p = (1.0 + count) / (1.0 + n_used)
+    n_used = n_relabel if exact else int(n_permutations)
+    p = np.asarray(res.pvalue, dtype=np.float64).reshape(-1)
     return (float(p[0]) if one_d else p), n_used, exact
 
 
-def _adjust_sorted(p, adjust):
-    """Apply ``adjust(sorted_p, m) -> adjusted`` to the non-NaN p-values in
-    ascending order and put the results back in place (NaN stays NaN and is
-    not counted in ``m``)."""
-    p = np.asarray(p, dtype=np.float64)
-    if np.any((p[~np.isnan(p)] < 0) | (p[~np.isnan(p)] > 1)):
+def _valid_p(p):
+    """Flat float copy of ``p`` and the mask of its non-NaN entries (checked in [0, 1])."""
+    flat = np.asarray(p, dtype=np.float64).reshape(-1)
+    valid = ~np.isnan(flat)
+    if np.any((flat[valid] < 0) | (flat[valid] > 1)):
         raise ValueError("p-values must lie in [0, 1]")
-    out = np.full(p.size, np.nan)
-    flat = p.reshape(-1)
-    valid = np.flatnonzero(~np.isnan(flat))
-    if valid.size:
-        order = valid[np.argsort(flat[valid], kind="mergesort")]
-        out[order] = adjust(flat[order], valid.size)
-    return out.reshape(p.shape)
+    return flat, valid
 
 
 def holm(p) -> np.ndarray:
     """Holm (1979) step-down adjusted p-values (family-wise error).
+
+    ``scipy.stats`` has no Holm adjustment, so this short one is written out.
 
     Parameters
     ----------
@@ -448,7 +395,13 @@ def holm(p) -> np.ndarray:
     With :math:`p_{(1)} \\le \\dots \\le p_{(m)}`:
     :math:`\\tilde p_{(i)} = \\max_{j \\le i} \\min(1, (m - j + 1)\\, p_{(j)})`.
     """
-    return _adjust_sorted(p, lambda ps, m: np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * ps)))
+    flat, valid = _valid_p(p)
+    out = np.full(flat.size, np.nan)
+    idx = np.flatnonzero(valid)
+    order = idx[np.argsort(flat[idx], kind="mergesort")]
+    m = order.size
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * flat[order]))
+    return out.reshape(np.shape(p))
 
 
 def benjamini_hochberg(p) -> np.ndarray:
@@ -466,47 +419,61 @@ def benjamini_hochberg(p) -> np.ndarray:
 
     Notes
     -----
-    :math:`\\tilde p_{(i)} = \\min_{j \\ge i} \\min(1, m\\, p_{(j)} / j)`.
+    ``scipy.stats.false_discovery_control(method="bh")`` on the non-NaN
+    entries: :math:`\\tilde p_{(i)} = \\min_{j \\ge i} \\min(1, m\\, p_{(j)} / j)`.
     """
-    return _adjust_sorted(
-        p, lambda ps, m: np.minimum(1.0, np.minimum.accumulate((ps * m / np.arange(1, m + 1))[::-1])[::-1])
-    )
+    flat, valid = _valid_p(p)
+    out = np.full(flat.size, np.nan)
+    if np.any(valid):
+        out[valid] = _sps.false_discovery_control(flat[valid], method="bh")
+    return out.reshape(np.shape(p))
 
 
 def paired_t_map(baseline, post, mask=None):
-    """Voxelwise paired t-test of ``post - baseline``.
+    """Voxelwise paired t-test of ``post - baseline``, on NumPy or CuPy arrays.
 
     Parameters
     ----------
-    baseline, post : ndarray, shape (n_subjects, x, y, z)
+    baseline, post : ndarray or cupy.ndarray, shape (n_subjects, x, y, z)
         Co-registered maps (e.g. BP_ND), one per subject.
-    mask : ndarray of bool, shape (x, y, z), optional
+    mask : array of bool, shape (x, y, z), optional
         Voxels to test; others are NaN.  Voxels with a NaN in any subject
         are NaN in the output as well.
 
     Returns
     -------
-    mean_diff, t, p : ndarray, shape (x, y, z)
-        Mean change, paired t and two-sided p (uncorrected).
+    mean_diff, t, p : arrays, shape (x, y, z)
+        Mean change, paired t and two-sided p (uncorrected); same array type
+        as the input.
+
+    Notes
+    -----
+    The mean, SD and t are written against the array namespace rather than
+    calling ``scipy.stats.ttest_rel`` so that the map stays on the GPU for
+    CuPy input; only the final p-value (``scipy.stats.t.sf``) is computed on
+    the host, one transfer for the whole map.  A voxel whose change is the
+    same in every subject (SD 0) has no t: NaN.
     """
-    b = np.asarray(baseline, dtype=np.float64)
-    q = np.asarray(post, dtype=np.float64)
+    xp = array_module(baseline, post)
+    b = xp.asarray(baseline, dtype=xp.float64)
+    q = xp.asarray(post, dtype=xp.float64)
     if b.shape != q.shape:
         raise ValueError(f"paired_t_map: baseline shape {b.shape} differs from post shape {q.shape}")
     if b.ndim != 4 or b.shape[0] < 2:
         raise ValueError(f"paired_t_map: expected (n_subjects>=2, x, y, z), got {b.shape}")
     n = b.shape[0]
     d = q - b
-    valid = np.all(np.isfinite(d), axis=0)
+    valid = xp.all(xp.isfinite(d), axis=0)
     if mask is not None:
-        valid &= np.asarray(mask, dtype=bool)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = d.mean(axis=0)
-        sd = d.std(axis=0, ddof=1)
-        t = mean / (sd / math.sqrt(n))
-    t = np.where(valid & (sd > 0), t, np.nan)
-    mean = np.where(valid, mean, np.nan)
-    p = np.full(t.shape, np.nan)
-    ok = np.isfinite(t)
-    p[ok] = 2.0 * _sps.t.sf(np.abs(t[ok]), n - 1)
-    return mean, t, p
+        valid &= xp.asarray(mask, dtype=bool)
+    d = xp.where(valid[None], d, 0.0)  # keeps NaN out of the arithmetic below
+    mean = d.mean(axis=0)
+    sd = d.std(axis=0, ddof=1)
+    ok = valid & (sd > 0)
+    t = xp.where(ok, mean / xp.where(ok, sd, 1.0) * math.sqrt(n), xp.nan)
+    mean = xp.where(valid, mean, xp.nan)
+    t_host = to_numpy(t)
+    p = np.full(t_host.shape, np.nan)
+    fin = np.isfinite(t_host)
+    p[fin] = 2.0 * _sps.t.sf(np.abs(t_host[fin]), n - 1)
+    return mean, t, xp.asarray(p)

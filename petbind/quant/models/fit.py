@@ -8,7 +8,6 @@ import logging
 import numpy as np
 
 from petbind.core.device import to_numpy
-from petbind.quant.models import _batch
 from petbind.quant.models._core import (
     STATUS_BOUND_HIT,
     STATUS_NAMES,
@@ -19,23 +18,12 @@ from petbind.quant.models._core import (
     validate_reference,
     warn_status,
 )
+from petbind.quant.models.registry import MODELS, get_model
 from petbind.quant.models.srtm import SRTM_LOWER, SRTM_UPPER, fit_srtm_nls
 
 logger = logging.getLogger("petbind.quant.models")
 
-MODELS = ("srtm", "bfsrtm", "srtm2", "mrtm", "mrtm2", "logan")
-
-_USES_TSTAR = ("mrtm", "mrtm2", "logan")
-_USES_K2PRIME = ("srtm2", "mrtm2", "logan")
-_GRID_OPTIONS = ("theta3_min_per_min", "theta3_max_per_min", "num_basis", "refine")
-_MODEL_OPTIONS = {
-    "srtm": _GRID_OPTIONS + ("lower", "upper", "max_nfev"),
-    "bfsrtm": _GRID_OPTIONS,
-    "srtm2": _GRID_OPTIONS,
-    "mrtm": (),
-    "mrtm2": _GRID_OPTIONS,
-    "logan": _GRID_OPTIONS,
-}
+__all__ = ["MODELS", "UNITS", "KineticResult", "fit_model", "theta3_grid", "srtm_jacobian"]
 
 UNITS = {
     "bp_nd": "1",
@@ -117,30 +105,31 @@ def theta3_grid(theta3_min_per_min=0.01, theta3_max_per_min=1.0, num_basis=100):
 
 
 def _check_options(model, options, extra=()):
-    allowed = _MODEL_OPTIONS[model] + tuple(extra)
+    allowed = get_model(model).options + tuple(extra)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"{model}: unknown option(s) {unknown}; valid options are {sorted(allowed)}")
 
 
 def _check_model(model):
-    if model not in MODELS:
-        raise ValueError(f"model: expected one of {MODELS}; got {model!r}")
+    get_model(model)
 
 
 def resolve_tstar(model, frames, tstar_min, w):
     """t* in minutes: given, or 0 for MRTM/MRTM2 (valid from injection when
     the target obeys SRTM), or one third of the scan for Logan."""
-    if model not in _USES_TSTAR:
+    spec = get_model(model)
+    if not spec.uses_tstar:
         if tstar_min is not None:
-            raise ValueError(f"tstar_min: {model} uses every frame; tstar_min applies only to {_USES_TSTAR}")
+            uses = [m for m in MODELS if get_model(m).uses_tstar]
+            raise ValueError(f"tstar_min: {model} uses every frame; tstar_min applies only to {tuple(uses)}")
         return None
     if tstar_min is None:
-        tstar_min = frames.end_min[-1] / 3.0 if model == "logan" else 0.0
+        tstar_min = spec.default_tstar_fraction * frames.end_min[-1]
     t = float(tstar_min)
     if not (np.isfinite(t) and t >= 0):
         raise ValueError(f"tstar_min: expected minutes >= 0; got {tstar_min!r}")
-    n_par = 3 if model == "mrtm" else 2
+    n_par = spec.n_params
     n_used = int(np.count_nonzero((frames.mid_min >= t) & (w > 0)))
     if n_used < n_par + 1:
         raise ValueError(
@@ -176,11 +165,10 @@ def first_pass_k2prime(frames, ref, w, Y, xp, grid, refine=True):
 
 
 def resolve_k2prime(model, k2prime_per_min):
-    if model not in _USES_K2PRIME:
+    if not get_model(model).uses_k2prime:
         if k2prime_per_min is not None:
-            raise ValueError(
-                f"k2prime_per_min: {model} estimates k2' itself; a fixed k2' applies only to {_USES_K2PRIME}"
-            )
+            uses = tuple(m for m in MODELS if get_model(m).uses_k2prime)
+            raise ValueError(f"k2prime_per_min: {model} estimates k2' itself; a fixed k2' applies only to {uses}")
         return None
     if k2prime_per_min is None:
         return None
@@ -205,17 +193,11 @@ def run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
 
 
 def _run_batch(model, frames, ref, w, Y, xp, tstar, k2p, grid, refine):
-    if model == "bfsrtm":
-        return _batch.bfsrtm(frames, ref, w, Y, xp, grid, refine=refine)
-    if model == "srtm2":
-        return _batch.srtm2(frames, ref, w, Y, xp, grid, k2p, refine=refine)
-    if model == "mrtm":
-        return _batch.mrtm(frames, ref, w, Y, xp, tstar)
-    if model == "mrtm2":
-        return _batch.mrtm2(frames, ref, w, Y, xp, tstar, k2p)
-    if model == "logan":
-        return _batch.logan(frames, ref, w, Y, xp, tstar, k2p)
-    raise ValueError(f"model {model!r} has no batched implementation")
+    spec = get_model(model)
+    if spec.batch is None:
+        raise ValueError(f"model {model!r} has no batched implementation")
+    return spec.batch(frames, ref, w, Y, xp, **spec.settings(theta3=grid, refine=refine, tstar_min=tstar,
+                                                             k2prime=k2p))
 
 
 def srtm_jacobian(frames, ref, r1, k2_per_min, bp_nd):
@@ -252,8 +234,8 @@ def _jacobian_se(model, frames, ref, wt, out, k2p):
     """
     p = out["params"]
     n_used = int(np.count_nonzero(wt > 0))
-    three = model in ("bfsrtm", "mrtm")
-    n_par = 3 if three else 2
+    n_par = get_model(model).n_params
+    three = n_par == 3
     ok = np.isfinite(p["bp_nd"]) & (p["bp_nd"] > -1) & np.isfinite(out["rss"]) & (p["k2_per_min"] > 0)
     if not np.any(ok) or n_used <= n_par:
         return
@@ -398,7 +380,8 @@ def fit_model(
     w = make_weights(weights, frames, ref, half_life_min)
     tstar = resolve_tstar(model, frames, tstar_min, w)
     k2p = resolve_k2prime(model, k2prime_per_min)
-    grid = _grid_from_options(options) if model != "mrtm" else None
+    spec = get_model(model)
+    grid = _grid_from_options(options) if spec.uses_grid else None
     refine = bool(options.get("refine", True))
     info = {
         "model": model,
@@ -409,12 +392,12 @@ def fit_model(
         "weights": weights if isinstance(weights, str) else "array",
         "units": dict(UNITS),
     }
-    if model in _USES_K2PRIME and k2p is None:
+    if spec.uses_k2prime and k2p is None:
         k2p, n_fp = first_pass_k2prime(frames, ref, w, Y, np, grid, refine)
         info["k2prime_per_min"] = k2p
         info["k2prime_source"] = f"bfsrtm first pass: median k2/R1 over {n_fp} targets with BP_ND > 0"
         logger.info("%s: k2' = %.5g 1/min from BF-SRTM first pass (%d targets)", model, k2p, n_fp)
-    if model == "srtm":
+    if spec.batch is None:  # nonlinear SRTM: one host fit per target, BF-SRTM start values
         start_out = run_batch("bfsrtm", frames, ref, w, Y, np, None, None, grid, refine)
         sp = start_out["params"]
         start = np.stack([sp["r1"], sp["k2_per_min"], sp["bp_nd"]], axis=1)
@@ -435,7 +418,7 @@ def fit_model(
         out = run_batch(model, frames, ref, w, Y, np, tstar, k2p, grid, refine)
         out["params"] = {k: np.array(v, dtype=np.float64) for k, v in out["params"].items()}
         out["se"] = {k: np.array(v, dtype=np.float64) for k, v in out["se"].items()}
-        if model != "logan":
+        if spec.jacobian_se:
             _jacobian_se(model, frames, ref, _used_weights(frames, w, tstar), out, k2p)
         bound = out["status"] == STATUS_BOUND_HIT
     wt = _used_weights(frames, w, tstar)

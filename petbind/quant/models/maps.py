@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -19,7 +18,6 @@ from petbind.quant.models._core import (
     warn_status,
 )
 from petbind.quant.models.fit import (
-    MODELS,
     UNITS,
     _check_model,
     _check_options,
@@ -29,6 +27,7 @@ from petbind.quant.models.fit import (
     resolve_tstar,
     run_batch,
 )
+from petbind.quant.models.registry import MODELS, get_model
 from petbind.quant.models.srtm import SRTM_LOWER, SRTM_UPPER, fit_srtm_nls
 
 logger = logging.getLogger("petbind.quant.models")
@@ -91,12 +90,15 @@ class ParametricMaps:
 
         Notes
         -----
-        Each file is written to a temporary name in the same folder and then
-        ``os.replace``-d, so no half-written file carries the final name.
+        The files are written under temporary names and renamed together
+        (:class:`petbind.quant.outputs.OutputSet`): after an error none of
+        them is new or changed.  :func:`petbind.quant.results.write_parametric_maps`
+        writes the same maps with the ``petbind-quant map`` file names.
         """
-        import nibabel as nib  # noqa: PLC0415 - only needed for writing
-
         from petbind import __version__  # noqa: PLC0415
+        from petbind.core.files import write_json  # noqa: PLC0415
+        from petbind.quant.io import save_nifti  # noqa: PLC0415
+        from petbind.quant.outputs import OutputSet  # noqa: PLC0415
 
         A = np.asarray(affine, dtype=np.float64)
         if A.shape != (4, 4) or not np.all(np.isfinite(A)):
@@ -111,15 +113,6 @@ class ParametricMaps:
         files = {}
         arrays = {name: (to_numpy(m).astype(np.float32), UNITS.get(name, "")) for name, m in self.maps.items()}
         arrays["status"] = (to_numpy(self.status).astype(np.int16), "code")
-        for name, (data, unit) in arrays.items():
-            path = f"{prefix}_{name}.nii.gz"
-            tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.nii.gz")
-            img = nib.Nifti1Image(data, A)
-            img.header.set_xyzt_units("mm")
-            nib.save(img, tmp)
-            os.replace(tmp, path)
-            written.append(path)
-            files[name] = {"file": os.path.basename(path), "units": unit}
         meta = dict(sidecar or {})
         meta.update(
             {
@@ -137,13 +130,14 @@ class ParametricMaps:
                 "software_version": __version__,
             }
         )
-        path = f"{prefix}.json"
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-        written.append(path)
+        with OutputSet() as outs:
+            for name, (data, unit) in arrays.items():
+                path = f"{prefix}_{name}.nii.gz"
+                save_nifti(path, data, A, outputs=outs)
+                written.append(path)
+                files[name] = {"file": os.path.basename(path), "units": unit}
+            outs.write(f"{prefix}.json", write_json, meta)
+            written.append(f"{prefix}.json")
         return written
 
 
@@ -249,7 +243,8 @@ def parametric_maps(
     w = make_weights(weights, frames, ref, half_life_min)
     tstar = resolve_tstar(model, frames, tstar_min, w)
     k2p = resolve_k2prime(model, k2prime_per_min)
-    grid = _grid_from_options(options) if model != "mrtm" else None
+    spec = get_model(model)
+    grid = _grid_from_options(options) if spec.uses_grid else None
     refine = bool(options.get("refine", True))
     chunk = int(options.get("chunk_size", 16384))
     if chunk < 1:
@@ -293,7 +288,7 @@ def parametric_maps(
     }
     if n_fit == 0:
         raise ValueError("mask/threshold: no voxel left to fit")
-    if model in ("srtm2", "mrtm2", "logan") and k2p is None:
+    if spec.uses_k2prime and k2p is None:
         max_fp = int(options.get("first_pass_max_voxels", 20000))
         stride = max(1, -(-n_fit // max_fp))
         sub = idx[::stride]
@@ -312,7 +307,7 @@ def parametric_maps(
     for start in tqdm(range(0, n_fit, chunk), desc=f"{model} maps", unit="chunk", disable=not progress):
         ii = slice(start, min(start + chunk, n_fit)) if contiguous else idx[start : start + chunk]
         Y = img2d[ii].astype(xp.float64)
-        if model == "srtm":
+        if spec.batch is None:  # nonlinear SRTM: one host fit per voxel, BF-SRTM start values
             Yh = to_numpy(Y)
             sp = run_batch("bfsrtm", frames, ref, w, Yh, np, None, None, grid, refine)["params"]
             start_p = np.stack([sp["r1"], sp["k2_per_min"], sp["bp_nd"]], axis=1)
