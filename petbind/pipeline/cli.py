@@ -53,7 +53,9 @@ def build_parser():
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"OSEM iterations (default {d.iterations})")
     p.add_argument("--subsets", type=int, default=d.subsets, help=f"OSEM view subsets (default {d.subsets})")
     p.add_argument("--psf-fwhm-mm", type=float, default=None,
-                   help="resolution model FWHM (mm); default the scanner's PSF where its preset knows one; 0: none")
+                   help="resolution model FWHM (mm); 0: none. Default: the scanner preset's PSF with --pvc none; none "
+                        "with PVC, which recovers regional BP_ND better after OSEM without it "
+                        "(benchmarks/fidelity.py)")
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES, help="device (default auto)")
     p.add_argument("--frames", default=None, help="frame definition overriding the sidecars (listmode input), "
                                                   "e.g. '6x10s,3x20s,8x5m'")

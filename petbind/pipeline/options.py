@@ -62,8 +62,9 @@ class PipelineOptions:
     iterations, subsets : int
         OSEM iterations and view subsets.
     psf_fwhm_mm : float or None
-        Resolution model in OSEM (FWHM, mm).  ``None``: the scanner's PSF
-        when its preset knows one, else none; ``0`` switches it off.
+        Resolution model in OSEM (FWHM, mm); ``0`` switches it off.
+        ``None``: the scanner preset's PSF with ``pvc="none"``, none with
+        PVC (see :func:`petbind.pipeline.reconstruct.psf_for`).
     pvc : {"none", "gtm", "rbv"}
         Partial-volume correction of the regional TACs (GTM; RBV also for
         maps) using the measured effective resolution of the reconstruction.

@@ -18,7 +18,6 @@ import logging
 import numpy as np
 
 from petbind.core.decay import half_life_s
-from petbind.core.files import sidecar_path_for, write_json
 from petbind.pipeline.options import StudyInputError
 
 __all__ = ["session_regions", "psf_for_pvc", "write_tacs", "write_fit", "write_maps"]
@@ -74,33 +73,25 @@ def write_tacs(pet, atlas, regions, out_path, options, provenance, progress=Fals
     ``fractions`` (region -> tissue-fraction map) makes the GTM model voxels
     that mix tissues (:func:`petbind.quant.pvc.gtm_matrix`).
     """
-    from petbind.quant.io import write_tacs_tsv
+    from petbind.quant.results import tacs_sidecar
+    from petbind.quant.results import write_tacs as write_table
     from petbind.quant.tacs import tacs_from_image
 
-    side = {"Description": "regional mean time-activity curves", "Units": "Bq/mL",
-            "Sources": [str(pet.path), str(atlas.path)],
-            "frame_start": {"Description": "frame start from injection", "Units": "s"},
-            "frame_end": {"Description": "frame end from injection", "Units": "s"},
-            "VoxelCount": {n: int(np.sum(atlas.labels == atlas.index_of(n))) for n in regions}}
-    pvc = "gtm" if options.pvc in ("gtm", "rbv") else "none"  # regional TACs: GTM is the regional form of both
-    if pvc == "none":
+    pvc = None
+    if options.pvc == "none":
         table = tacs_from_image(pet, atlas, regions, progress=progress)
     else:
+        # regional TACs: GTM is the regional form of both gtm and rbv
         from petbind.quant.pvc import gtm_matrix, pvc_tacs
 
         psf = psf_for_pvc(pet.sidecar, options, pet.affine, pet.path)
         gtm = gtm_matrix(atlas.labels, atlas.names, psf, fractions=fractions)
         table = pvc_tacs(pet, atlas, psf, method="gtm", regions=regions, gtm=gtm, progress=progress)
-        side["Description"] += ", partial-volume corrected (GTM)"
-        side["PartialVolumeCorrection"] = _pvc_record("gtm", psf)
-        side["PartialVolumeCorrection"]["TissueFractions"] = ("tissue-fraction maps (probseg)" if fractions
-                                                              else "atlas labels")
-    for key in ("TracerRadionuclide", "TracerName", "InjectedRadioactivity", "InjectedRadioactivityUnits"):
-        if key in pet.sidecar:
-            side[key] = pet.sidecar[key]
+        pvc = _pvc_record("gtm", psf)
+        pvc["TissueFractions"] = "tissue-fraction maps (probseg)" if fractions else "atlas labels"
+    side = tacs_sidecar(table, atlas, [pet.path, atlas.path], pet_sidecar=pet.sidecar, pvc=pvc)
     side["PipelineProvenance"] = provenance
-    out = write_tacs_tsv(out_path, table)
-    write_json(sidecar_path_for(out), side)
+    write_table(out_path, table, side)
     return table
 
 

@@ -216,11 +216,22 @@ def calibration_kappa(layout, grid, corrections, sensitivity_cps_per_kbq=None, d
 
 
 def psf_for(scanner, options):
-    """The resolution model of OSEM (FWHM, mm): the option, else the scanner preset's PSF, else none."""
+    """The resolution model of OSEM (FWHM, mm, or None).
+
+    ``--psf-fwhm-mm`` when given (``0``: none).  Otherwise the scanner
+    preset's PSF when the images are used as they are (``--pvc none``), and
+    no resolution model when partial-volume correction follows: the error
+    budget (``benchmarks/fidelity.py``) shows GTM recovering regional BP_ND
+    within a few per cent after OSEM without a resolution model (its images
+    are the object blurred by a near-Gaussian kernel), but over-correcting
+    by 2-30 % after a PSF-modelled OSEM at practical iteration counts, whose
+    partial convergence and edge overshoot no Gaussian describes.
+    """
     if options.psf_fwhm_mm is not None:
         return float(options.psf_fwhm_mm) or None
-    fwhm = getattr(scanner, "resolution_fwhm_mm", None)
-    return None if fwhm is None else fwhm
+    if options.pvc != "none":
+        return None
+    return getattr(scanner, "resolution_fwhm_mm", None)
 
 
 class _ListmodeFrames:
