@@ -194,10 +194,14 @@ def main(argv=None):
         t = time.time()
         res = measure_resolution(b["layout"], grid, args.scanner_fwhm_mm, psf_fwhm_mm=psf_model,
                                  num_iterations=max(args.iterations), num_subsets=args.subsets, device="cpu")
-        matched = matched_resolution(b["layout"], grid, args.scanner_fwhm_mm, test_object, psf_fwhm_mm=psf_model,
-                                     num_iterations=max(args.iterations), num_subsets=args.subsets, device="cpu")
-        log.warning("%s at %d it: point-source FWHM %s, matched FWHM %.2f (rms %.3f)", tag, max(args.iterations),
-                    np.round(res["fwhm_mm"], 2).tolist(), matched["fwhm_mm"][0], matched["relative_rms"])
+        matched = {}
+        for it in args.iterations:
+            matched[it] = matched_resolution(b["layout"], grid, args.scanner_fwhm_mm, test_object,
+                                             psf_fwhm_mm=psf_model, num_iterations=it, num_subsets=args.subsets,
+                                             mask=labels > 0, device="cpu")
+            log.warning("%s at %d it: matched FWHM %s (rms %.3f)", tag, it, np.round(matched[it]["fwhm_mm"], 2).tolist(),
+                        matched[it]["relative_rms"])
+        log.warning("%s at %d it: point-source FWHM %s", tag, max(args.iterations), np.round(res["fwhm_mm"], 2).tolist())
         timings[f"resolution-{tag}"] = time.time() - t
         for kind in (("expected", "poisson") if args.noise == "both" else (args.noise,)):
             t = time.time()
@@ -222,12 +226,11 @@ def main(argv=None):
                 stage = f"{kind}-{tag}-it{it}"
                 tt = time.time()
                 record(stage, [atlas_means(im, labels, names, on) for im in per_iter[it]], tt)
+                record(stage + "+gtmfrac(matched)", [gtm_tacs(im, labels, names, atlas, matched[it]["fwhm_mm"],
+                                                              grid.voxel_size_mm, fractions) for im in per_iter[it]], tt)
                 if it == max(args.iterations):
                     record(stage + "+gtm(points)", [gtm_tacs(im, labels, names, atlas, res["fwhm_mm"],
                                                              grid.voxel_size_mm) for im in per_iter[it]], tt)
-                    record(stage + "+gtmfrac(matched)", [gtm_tacs(im, labels, names, atlas, matched["fwhm_mm"],
-                                                                  grid.voxel_size_mm, fractions)
-                                                         for im in per_iter[it]], tt)
             timings[f"recon-{kind}-{tag}"] = time.time() - t
 
     # ---- tables

@@ -189,7 +189,13 @@ class PipelineOptions:
             "maps": ("model", "reference", "weights", "pvc", "pvc_fwhm_mm", "regions", "exclude_regions"),
             "group": ("model", "baseline_session", "post_session", "groups", "n_permutations", "maps"),
         }[stage]
-        return {n: _jsonable(getattr(self, n)) for n in names}
+        out = {n: _jsonable(getattr(self, n)) for n in names}
+        if stage == "recon":
+            # what the defaults resolve to (psf_for, and the resolution measured for PVC)
+            out["psf_model"] = ("scanner" if self.pvc == "none" else "none") if self.psf_fwhm_mm is None \
+                else float(self.psf_fwhm_mm)
+            out["measure_resolution"] = self.pvc != "none" and self.pvc_fwhm_mm is None
+        return out
 
     def to_dict(self):
         return {k: _jsonable(v) for k, v in asdict(self).items()}

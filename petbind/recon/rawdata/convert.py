@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from tqdm.auto import tqdm
@@ -91,6 +92,8 @@ def convert(src, dst, to=None, chunk_events=1_000_000, time_block_ms=1, quiet=Fa
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file")
+    if os.path.isdir(src):
+        raise ValueError(f"{src}: is a folder; expected a PETSIRD or petbind HDF5 listmode file")
     src_fmt = detect_format(src)
     dst_fmt = to or _format_from_name(dst) or ("petsird" if src_fmt == "h5" else "h5")
     if dst_fmt not in _FORMATS:
@@ -113,6 +116,16 @@ def convert(src, dst, to=None, chunk_events=1_000_000, time_block_ms=1, quiet=Fa
     return int(n)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv=None):
     """Command-line entry point (``petbind-convert``)."""
     parser = argparse.ArgumentParser(
@@ -126,11 +139,19 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so the half-written temporary output is removed
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         n = convert(args.input, args.output, args.to, args.chunk_events, args.time_block_ms, args.quiet)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"petbind-convert: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, TypeError, OSError) as exc:
+        print(f"petbind-convert: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"petbind-convert: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(f"converted {n} events: {args.input} -> {args.output}")
     return 0
