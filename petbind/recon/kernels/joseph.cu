@@ -527,49 +527,6 @@ PB_KERNEL void joseph_back_listmode_tof(const float* detector_xyz, const int* de
     joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
 }
 
-// ---------------------------------------------------------------------------
-// Host entry points (ctypes): each runs the kernel above over all LORs.
-// ---------------------------------------------------------------------------
-#if !defined(__CUDACC__)
-#define PB_HOST_ACC(kernel, PARAMS, ARGS, COUNT, OUT, GRID_SHAPE)                                              \
-    extern "C" void host_##kernel PARAMS {                                                                    \
-        pb_launch_accumulate(kernel, COUNT, OUT, (long long)GRID_SHAPE[0] * GRID_SHAPE[1] * GRID_SHAPE[2], \
-                             PB_UNPAREN ARGS);                                                                  \
-    }
-#define PB_HOST(kernel, PARAMS, ARGS, COUNT) \
-    extern "C" void host_##kernel PARAMS { pb_launch(kernel, COUNT, PB_UNPAREN ARGS); }
-#define PB_UNPAREN(...) __VA_ARGS__
-#define PB_GRID const float *o, const float *v, const int *sh
-#define PB_TOFP int nt, float tw, float ts, float tn
-
-PB_HOST(joseph_forward_lor, (const float* a, const float* b, const float* x, PB_GRID, float* y, long long n),
-        (a, b, x, o, v, sh, y, n), n)
-PB_HOST_ACC(joseph_back_lor, (const float* a, const float* b, const float* y, PB_GRID, float* x, long long n),
-        (a, b, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_lor_tof,
-        (const float* a, const float* b, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (a, b, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_lor_tof, (const float* a, const float* b, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (a, b, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-
-#define PB_SINOP const float *cxy, const float *pz, const int *vw, int ncr, int nsv, int nr
-#define PB_SINOA cxy, pz, vw, ncr, nsv, nr
-PB_HOST(joseph_forward_sino, (PB_SINOP, const float* x, PB_GRID, float* y, long long n), (PB_SINOA, x, o, v, sh, y, n),
-        n)
-PB_HOST_ACC(joseph_back_sino, (PB_SINOP, const float* y, PB_GRID, float* x, long long n), (PB_SINOA, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_sino_tof, (PB_SINOP, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (PB_SINOA, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_sino_tof, (PB_SINOP, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (PB_SINOA, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-
-PB_HOST(joseph_forward_listmode, (const float* dx, const int* di, const float* x, PB_GRID, float* y, long long n),
-        (dx, di, x, o, v, sh, y, n), n)
-PB_HOST_ACC(joseph_back_listmode, (const float* dx, const int* di, const float* y, PB_GRID, float* x, long long n),
-        (dx, di, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_listmode_tof,
-        (const float* dx, const int* di, const int* tb, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (dx, di, tb, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_listmode_tof,
-        (const float* dx, const int* di, const int* tb, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (dx, di, tb, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-#endif
+// Host entry points (ctypes, CPU build only) are generated from the kernel
+// declarations above by recon/kernels/__init__.py: the argument lists are
+// written once, here.
