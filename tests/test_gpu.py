@@ -18,13 +18,6 @@ TOF_OPTIONS = [None, cases.small_tof()]
 TOF_IDS = ["nontof", "tof"]
 
 
-@pytest.fixture
-def cp():
-    import cupy
-
-    return cupy
-
-
 @pytest.mark.parametrize("tof", TOF_OPTIONS, ids=TOF_IDS)
 def test_gpu_adjoint_random_lors(rng, cp, tof):
     cases.check_adjoint_lors(rng, cp, "gpu", tof)
