@@ -194,12 +194,55 @@ def test_device_selection(monkeypatch):
         resolve_device("tpu")
 
 
-def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch):
+def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch, caplog):
     import petbind.core.device as device
 
-    monkeypatch.setattr(device, "gpu_available", lambda: False)
     monkeypatch.setitem(sys.modules, "cupy", None)  # as on a machine without CuPy
-    with pytest.raises(RuntimeError, match="cupy-cuda12x"):
+    with pytest.raises(RuntimeError, match=r"not usable: CuPy is not installed.*gpu-cuda12"):
         device.resolve_device("gpu")
     monkeypatch.delenv("PETBIND_DEVICE", raising=False)
-    assert device.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(device, "_logged", set())
+    with caplog.at_level("INFO", logger="petbind.core.device"):
+        assert device.resolve_device("auto") == "cpu"
+    assert "chose the CPU: CuPy is not installed" in caplog.text
+
+
+class _BrokenCupy:
+    """A CuPy whose device is visible but whose kernels cannot be compiled (no NVRTC)."""
+
+    __version__ = "14.2.0"
+
+    class cuda:
+        class runtime:
+            @staticmethod
+            def getDeviceCount():
+                return 1
+
+    float32 = np.float32
+
+    @staticmethod
+    def arange(*args, **kwargs):
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open shared object file")
+
+
+def test_a_broken_cupy_is_reported_not_swallowed(monkeypatch, caplog):
+    import petbind.core.device as device
+
+    monkeypatch.setitem(sys.modules, "cupy", _BrokenCupy)
+    monkeypatch.setattr(device, "_logged", set())
+    monkeypatch.delenv("PETBIND_DEVICE", raising=False)
+    with pytest.raises(RuntimeError, match="cannot run kernels.*libnvrtc.so.12"):
+        device.resolve_device("gpu")
+    with caplog.at_level("INFO", logger="petbind.core.device"):
+        assert device.resolve_device("auto") == "cpu"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "libnvrtc.so.12" in warnings[0].getMessage()
+    assert "chose the CPU" in caplog.text
+
+
+@pytest.mark.gpu
+def test_gpu_is_usable_when_cupy_works(cp):
+    from petbind.core.device import gpu_status, resolve_device
+
+    assert gpu_status() == (True, None)
+    assert resolve_device("gpu") == "gpu"
