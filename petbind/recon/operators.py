@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from petbind.core.device import array_module
+from petbind.core.device import array_module, to_namespace
 
 __all__ = ["LinearOperator", "Composition", "Multiply", "Identity", "adjointness_error"]
 
@@ -94,10 +94,11 @@ class Multiply(LinearOperator):
 
     def _forward(self, x):
         xp = array_module(x)
-        # Keep one copy per array namespace: no host/device transfer per call.
+        # One copy per array namespace, made explicitly (CuPy refuses implicit
+        # host/device conversion): no transfer per call.
         f = self._on_device.get(xp.__name__)
         if f is None:
-            f = self._on_device[xp.__name__] = xp.asarray(self.factors)
+            f = self._on_device[xp.__name__] = to_namespace(self.factors, xp)
         return x * f
 
     _back = _forward

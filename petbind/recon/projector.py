@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 from petbind.recon import kernels
-from petbind.core.device import array_module, get_cupy, resolve_device, to_numpy
+from petbind.core.device import array_module, get_cupy, resolve_device, to_namespace, to_numpy
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.operators import LinearOperator
 
@@ -63,9 +63,8 @@ class _Backend:
 
     def to_caller(self, result, like):
         """Return ``result`` in the array type of ``like``."""
-        if array_module(like) is np and self.xp is not np:
-            return to_numpy(result)
-        return result
+        caller = array_module(like)
+        return result if caller is self.xp else to_namespace(result, caller)
 
     def cpu_compiled(self):
         return self.device == "cpu" and kernels.cpu_library("joseph") is not None

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from petbind.core.device import array_module
+from petbind.core.device import array_module, to_namespace
 from petbind.recon.geometry import ImageGrid, TOFParameters
 from petbind.recon.operators import Composition, Identity, LinearOperator, Multiply
 
@@ -196,6 +196,11 @@ class SystemModel(LinearOperator):
     and its adjoint ``A^T = G^T P^T diag(m)``; :meth:`expected_counts` adds
     ``a``; :meth:`sensitivity` is ``A^T 1 = G^T P^T m``, the OSEM
     normalisation image.
+
+    The model computes in the array namespace of its projector (``xp``:
+    NumPy, or CuPy for a GPU projector).  Its public methods accept NumPy or
+    CuPy and return the input's type; an input of the other type is copied
+    once at the call, never inside the model.
     """
 
     def __init__(self, projector, multiplicative=None, additive=None, resolution=None, grid=None):
@@ -230,23 +235,75 @@ class SystemModel(LinearOperator):
                 raise ValueError(f"additive term of shape {tuple(additive.shape)} does not broadcast to data shape {out}") from None
         self.in_shape, self.out_shape = tuple(projector.in_shape), out
 
+    @property
+    def xp(self):
+        """The array namespace the model computes in (its projector's; NumPy when it has none)."""
+        xp = getattr(self.projector, "xp", None)
+        return xp if xp is not None else np
+
+    def _run(self, fn, v):
+        xp = self.xp
+        caller = array_module(v)
+        out = fn(to_namespace(v, xp) if caller is not xp else v)
+        return to_namespace(out, caller) if caller is not xp else out
+
     def _forward(self, x):
-        return self.linear.forward(x)
+        return self._run(self.linear.forward, x)
 
     def _back(self, y):
-        return self.linear.back(y)
+        return self._run(self.linear.back, y)
+
+    def _additive_on(self, xp):
+        a = self.additive
+        if a is None or np.isscalar(a):
+            return a
+        if array_module(a) is not xp:
+            a = to_namespace(a, xp)
+        return a
 
     def expected_counts(self, x):
-        """``ȳ = A x + a`` (same array namespace as ``x``)."""
-        y = self.forward(x)
-        if self.additive is None:
-            return y
-        xp = array_module(y)
-        return y + (self.additive if np.isscalar(self.additive) else xp.asarray(self.additive))
+        """``ȳ = A x + a``, of the array type of ``x``."""
+        if tuple(x.shape) != tuple(self.in_shape):
+            raise ValueError(f"{type(self).__name__}.expected_counts expects shape {self.in_shape}; got {tuple(x.shape)}")
 
-    def sensitivity(self, dtype=np.float32, xp=np):
-        """``A^T 1 = G^T P^T m`` (image), computed in the array namespace ``xp``."""
-        return self.back(xp.ones(self.out_shape, dtype=dtype))
+        def run(xd):
+            y = self.linear.forward(xd)
+            a = self._additive_on(array_module(y))
+            if a is not None:
+                y += a
+            return y
+
+        return self._run(run, x)
+
+    def sensitivity(self, dtype=np.float32, xp=None):
+        """``A^T 1 = G^T P^T m`` (image, the OSEM normalisation).
+
+        Parameters
+        ----------
+        dtype : dtype
+        xp : module, optional
+            Namespace of the result (default: the model's).
+
+        Notes
+        -----
+        For a TOF projector that offers ``back_tof_summed`` (the adjoint of
+        copying one value into every TOF bin), ``P_tof^T (m ⊗ 1)`` is computed
+        from the non-TOF-shaped ``m`` directly: no TOF-sized array of ones is
+        made and each sample costs its TOF window, not every bin.
+        """
+        mx = self.xp
+        summed = getattr(self.projector, "back_tof_summed", None)
+        if summed is not None and getattr(self.projector, "tof", None) is not None:
+            lor_shape = tuple(self.out_shape[:-1])
+            m = self.multiplicative
+            v = mx.ones(lor_shape, dtype=np.float32) if m is None else to_namespace(m, mx, np.float32)
+            img = summed(v)
+            if self.resolution is not None:
+                img = self.resolution.back(img)
+            out = img.astype(dtype, copy=False)
+        else:
+            out = self.linear.back(mx.ones(self.out_shape, dtype=dtype)).astype(dtype, copy=False)
+        return out if xp is None or xp is mx else to_namespace(out, xp)
 
     def __repr__(self):
         return f"SystemModel({self.linear!r}, additive={'yes' if self.additive is not None else 'no'})"
