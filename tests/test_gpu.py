@@ -74,3 +74,8 @@ def test_gpu_tof_sums_to_nontof(rng, cp):
     t = forward_project(img, s, e, grid, tof=cases.small_tof())
     n = forward_project(img, s, e, grid)
     np.testing.assert_allclose(t.sum(axis=1).get(), n.get(), rtol=1e-5, atol=1e-5 * float(n.max()))
+
+
+@pytest.mark.parametrize("tof", [cases.small_tof(), cases.short_tof()], ids=["covering", "short"])
+def test_gpu_tof_summed_back_projection(rng, cp, tof):
+    cases.check_tof_summed_back_projection(rng, cp, "gpu", tof, 3, [0, 5, 7, 20])

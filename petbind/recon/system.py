@@ -115,12 +115,15 @@ class LORProjector(LinearOperator):
     grid : ImageGrid
     tof : TOFParameters, optional
     device : {"auto", "cpu", "gpu"}
+        Where NumPy inputs are projected; CuPy inputs always run on the GPU.
 
     Notes
     -----
     ``out_shape`` is ``lor_start_mm.shape[:-1]`` (plus ``(tof.num_bins,)``).
-    Wraps :func:`petbind.recon.projector.forward_project` and its exact adjoint
-    :func:`petbind.recon.projector.back_project`.
+    Runs :class:`petbind.recon.projector.EndpointProjector` (the kernels of
+    :func:`petbind.recon.projector.forward_project` and its exact adjoint),
+    one per device used, made on first use, so the end points are uploaded
+    once.
     """
 
     def __init__(self, lor_start_mm, lor_end_mm, grid, tof=None, device="auto"):
@@ -135,18 +138,24 @@ class LORProjector(LinearOperator):
         self.grid, self.tof, self.device = grid, tof, device
         self.in_shape = tuple(grid.shape)
         self.out_shape = tuple(self.lor_shape) + ((tof.num_bins,) if tof is not None else ())
+        self._impl = {}
+
+    def _projector(self, v):
+        from petbind.core.device import resolve_device  # noqa: PLC0415
+        from petbind.recon.projector import EndpointProjector  # noqa: PLC0415 - keeps this module importable alone
+
+        device = "gpu" if array_module(v) is not np else resolve_device(self.device)
+        p = self._impl.get(device)
+        if p is None:
+            p = self._impl[device] = EndpointProjector(self._start, self._end, self.grid, tof=self.tof, device=device)
+        return p
 
     def _forward(self, x):
-        from petbind.recon.projector import forward_project  # noqa: PLC0415 - keeps this module importable alone
-
-        y = forward_project(x, self._start, self._end, self.grid, tof=self.tof, device=self.device)
-        return y.reshape(self.out_shape)
+        return self._projector(x).forward(x).reshape(self.out_shape)
 
     def _back(self, y):
-        from petbind.recon.projector import back_project  # noqa: PLC0415
-
-        flat = y.reshape((-1,) + ((self.tof.num_bins,) if self.tof is not None else ()))
-        return back_project(flat, self._start, self._end, self.grid, tof=self.tof, device=self.device)
+        p = self._projector(y)
+        return p.back(y.reshape(p.out_shape))
 
     def __repr__(self):
         return f"LORProjector(num_lors={int(np.prod(self.lor_shape))}, out_shape={self.out_shape}, tof={self.tof is not None})"

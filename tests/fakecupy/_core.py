@@ -727,6 +727,7 @@ def _extent_rules():
         "voxel_size": lambda v, n: 3,
         "image_shape": lambda v, n: 3,
         "projection": lambda v, n: n * tof_bins(v),
+        "lor_values": lambda v, n: n,
         "crystal_xy": lambda v, n: 2 * v["crystals_per_ring"],
         "plane_z": lambda v, n: 2 * planes(v, n),
         "views": lambda v, n: v["num_subset_views"],

@@ -375,6 +375,28 @@ def _signature(kernel, args):
     return sig
 
 
+def bind(kernel, **arguments):
+    """The arguments of ``kernel`` in declaration order, from keyword arguments.
+
+    Callers name every argument as ``joseph.cu`` declares it, so the order
+    (and the list itself) is written once, in the source.
+
+    Raises
+    ------
+    TypeError
+        Naming the missing and the unknown arguments.
+    """
+    sig = kernel_signatures("joseph").get(kernel)
+    if sig is None:
+        raise KeyError(f"no kernel {kernel!r} in joseph.cu; available: {sorted(kernel_signatures('joseph'))}")
+    names = [p.name for p in sig.params]
+    missing = [n for n in names if n not in arguments]
+    unknown = sorted(set(arguments) - set(names))
+    if missing or unknown:
+        raise TypeError(f"{kernel}({', '.join(names)}): missing {missing}, unknown {unknown}")
+    return tuple(arguments[n] for n in names)
+
+
 def launch_cpu(kernel, args, count):
     """Run ``kernel`` on the CPU.  ``args`` are NumPy arrays (C-contiguous, of
     the declared element type) or Python scalars, in the order of the kernel's
@@ -594,6 +616,7 @@ __all__ = [
     "parse_kernel_signatures",
     "kernel_signatures",
     "host_source",
+    "bind",
     "nvrtc_library_paths",
     "nvrtc_version",
     "cupy_nvrtc_options",
