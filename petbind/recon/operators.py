@@ -92,14 +92,17 @@ class Multiply(LinearOperator):
         self.in_shape = self.out_shape = tuple(factors.shape)
         self._on_device = {}
 
-    def _forward(self, x):
-        xp = array_module(x)
-        # One copy per array namespace, made explicitly (CuPy refuses implicit
-        # host/device conversion): no transfer per call.
+    def factors_in(self, xp):
+        """The factors in namespace ``xp``: one copy per namespace, made
+        explicitly (CuPy refuses implicit host/device conversion) and kept, so
+        no call transfers them again."""
         f = self._on_device.get(xp.__name__)
         if f is None:
             f = self._on_device[xp.__name__] = to_namespace(self.factors, xp)
-        return x * f
+        return f
+
+    def _forward(self, x):
+        return x * self.factors_in(array_module(x))
 
     _back = _forward
 

@@ -256,6 +256,17 @@ class Projector(LinearOperator):
         out = self._run_back(be.array(y, np.float32))
         return be.to_caller(out, y)
 
+    def back_inplace(self, y):
+        """:meth:`back` that may overwrite ``y`` (scale it in place) instead of
+        copying it: for callers whose ``y`` is a temporary of their own, such
+        as OSEM's ratio.  ``y`` must be a C-contiguous float32 array of
+        :attr:`xp`; the result is in :attr:`xp`."""
+        if tuple(y.shape) != tuple(self.out_shape):
+            raise ValueError(f"{type(self).__name__}.back_inplace expects shape {self.out_shape}; got {tuple(y.shape)}")
+        if array_module(y) is not self.xp or y.dtype != np.float32 or not y.flags.c_contiguous:
+            raise TypeError(f"back_inplace needs a C-contiguous float32 array of {self.xp.__name__}")
+        return self._run_back(y, overwrite=True)
+
     def _launch(self, direction, suffix="", **arguments):
         name = self._kernel.format(direction) + ("" if self.tof is None or suffix is None else "_tof") + (suffix or "")
         count = kernels.kernel_signatures("joseph")[name].count.name
@@ -290,7 +301,7 @@ class Projector(LinearOperator):
         self._launch("forward", image=img, projection=out)
         return out
 
-    def _run_back(self, values):
+    def _run_back(self, values, overwrite=False):
         if self._use_fallback():
             return self._reference_back(values)
         img = self.xp.zeros(self.grid.shape, dtype=np.float32)
@@ -392,9 +403,12 @@ class SinogramProjector(Projector):
             out *= self._mult
         return out
 
-    def _run_back(self, sino):
+    def _run_back(self, sino, overwrite=False):
         if self._mult is not None:
-            sino = sino * self._mult
+            if overwrite:
+                sino *= self._mult
+            else:
+                sino = sino * self._mult
         return super()._run_back(sino)
 
     def back_tof_summed(self, values):

@@ -284,6 +284,50 @@ class SystemModel(LinearOperator):
 
         return self._run(run, x)
 
+    def back_ratio(self, x, measured):
+        """``A^T (y / (A x + a))`` with 0 where ``A x + a <= 0``: the OSEM
+        back-projected ratio, made with one data-sized temporary.
+
+        Parameters
+        ----------
+        x : ndarray, shape ``in_shape``
+            Current image, in the model's namespace (:attr:`xp`).
+        measured : ndarray, shape ``out_shape``
+            Measured counts ``y``, in the model's namespace (may be a strided view).
+
+        Returns
+        -------
+        ndarray, shape ``in_shape``, float32, in the model's namespace.
+
+        Notes
+        -----
+        The projection buffer is scaled by ``m``, shifted by ``a``, divided
+        into ``y`` and scaled by ``m`` again in place; besides it only a
+        boolean mask of the same shape is allocated (a quarter of its size).
+        """
+        xp = self.xp
+        gx = x if self.resolution is None else self.resolution.forward(x)
+        y = self.projector.forward(gx)
+        f = None
+        if isinstance(self.multiplicative_op, Multiply):
+            f = self.multiplicative_op.factors_in(xp)
+            y *= f
+        a = self._additive_on(xp)
+        if a is not None:
+            y += a
+        keep = y > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xp.divide(measured, y, out=y)
+        xp.logical_not(keep, out=keep)
+        xp.copyto(y, 0.0, where=keep)
+        del keep
+        if f is not None:
+            y *= f
+        inplace = getattr(self.projector, "back_inplace", None)
+        img = inplace(y) if inplace is not None and y.dtype == np.float32 else self.projector.back(y)
+        del y
+        return img if self.resolution is None else self.resolution.back(img)
+
     def sensitivity(self, dtype=np.float32, xp=None):
         """``A^T 1 = G^T P^T m`` (image, the OSEM normalisation).
 
