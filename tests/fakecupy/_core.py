@@ -657,20 +657,23 @@ def get_elapsed_time(start_event, end_event):
 
 
 class MemoryPool:
+    """CuPy's pool keeps freed blocks until ``free_all_blocks``: what it holds is
+    the high-water mark of live buffers since then (fragmentation aside)."""
+
     def used_bytes(self):
         return stats.live_bytes
 
     def total_bytes(self):
-        return stats.live_bytes
+        return stats.peak_bytes
 
     def free_bytes(self):
-        return 0
+        return stats.peak_bytes - stats.live_bytes
 
     def n_free_blocks(self):
         return 0
 
     def free_all_blocks(self, stream=None):
-        return None
+        stats.reset_peak()
 
     def set_limit(self, size=None, fraction=None):
         return None
@@ -836,7 +839,10 @@ class RawModule:
 # --------------------------------------------------------------------------------------------
 def build_modules(api):
     global _MODULE
-    import scipy.ndimage
+    try:
+        import scipy.ndimage as scipy_ndimage
+    except ImportError:  # cupyx.scipy.ndimage then has only missing names
+        scipy_ndimage = None
 
     cupy = _StrictModule("cupy", api["cupy"])
     cupy.__standin__ = True
@@ -872,7 +878,8 @@ def build_modules(api):
     cupyx.scipy = _StrictModule("cupyx.scipy", ["ndimage"])
     cupyx.scipy.__path__ = []
     nd = _StrictModule("cupyx.scipy.ndimage", api["cupyx.scipy.ndimage"])
-    _fill_from(nd, scipy.ndimage, api["cupyx.scipy.ndimage"], "cupyx.scipy.ndimage")
+    if scipy_ndimage is not None:
+        _fill_from(nd, scipy_ndimage, api["cupyx.scipy.ndimage"], "cupyx.scipy.ndimage")
     cupyx.scipy.ndimage = nd
     _MODULE = cupy
     return {
