@@ -246,3 +246,13 @@ def test_gpu_is_usable_when_cupy_works(cp):
 
     assert gpu_status() == (True, None)
     assert resolve_device("gpu") == "gpu"
+
+
+def test_kernel_arguments_are_bound_by_their_declared_names():
+    sig = kernels.kernel_signatures()["joseph_forward_lor"]
+    named = {p.name: i for i, p in enumerate(sig.params)}
+    assert kernels.bind("joseph_forward_lor", **named) == tuple(range(len(sig.params)))
+    with pytest.raises(TypeError, match=r"missing \['num_lors'\], unknown \['num_events'\]"):
+        kernels.bind("joseph_forward_lor", **{**{k: v for k, v in named.items() if k != "num_lors"}, "num_events": 1})
+    with pytest.raises(KeyError, match="available"):
+        kernels.bind("joseph_sideways", **named)
