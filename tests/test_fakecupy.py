@@ -164,3 +164,12 @@ def test_a_petbind_launch_goes_through_the_checks(fcp):
     fn = kernels.gpu_module("joseph").get_function("joseph_forward_lor")
     with pytest.raises(TypeError, match="declared long long"):
         fn((1,), (256,), tuple(args))
+
+
+def test_gpu_module_compiles_with_the_options_the_nvrtc_test_checks(fcp):
+    """The NVRTC build test compiles with ``cupy_nvrtc_options`` = GPU_OPTIONS + CuPy's own; the
+    RawModule must get exactly GPU_OPTIONS, or the test proves nothing about the real build."""
+    mod = kernels.gpu_module("joseph")
+    assert mod.options == kernels.GPU_OPTIONS
+    assert kernels.cupy_nvrtc_options("sm_90")[: len(kernels.GPU_OPTIONS)] == kernels.GPU_OPTIONS
+    assert mod.code == kernels.kernel_source("joseph")
