@@ -186,7 +186,7 @@ def main(argv=None):
             peak = None if pool is None else pool.total_bytes() - base
             rows.append((dev, geom, kind, n_lors, n_lors / tf, n_lors / tb, (n_lors / tf) / of, (n_lors / tb) / ob, peak))
             print_row(rows[-1])
-            del y, op
+            y = op = None  # free the case before the next one is built
 
     print(f"NumPy oracle (same run): non-TOF {ora['nontof'][0]:.3e} fwd / {ora['nontof'][1]:.3e} back LOR/s; "
           f"TOF {ora['tof'][0]:.3e} / {ora['tof'][1]:.3e}")
