@@ -1,8 +1,15 @@
 """Projector throughput: LORs per second, forward and back.
 
-Prints one table row per (device, geometry, TOF, direction) with the speed-up
-over the slow NumPy oracle (``petbind.recon.kernels.reference``) timed in the same run
-on a sample of the same LORs, plus the process's peak memory.
+Prints one table row per (device, geometry, TOF) with LORs/s and the seconds
+of one whole projection, forward and back, the speed-up over the slow NumPy
+oracle (``petbind.recon.kernels.reference``) timed in the same run on a sample
+of the same LORs, and on the GPU the peak device memory of the case (CuPy's
+pool, emptied before each case, grows to the largest set of buffers alive at
+once); then the process's peak host memory.
+
+    python benchmarks/projectors.py --device gpu --size mmr   # the GPU targets below
+
+GPU targets (H200): span-11 mMR non-TOF forward under 0.25 s, back under 0.5 s.
 
     python benchmarks/projectors.py               # size "ci", CPU (and GPU when present)
     python benchmarks/projectors.py --size mmr    # Biograph mMR-like, 344x344x127
@@ -34,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from petbind.core.device import gpu_available  # noqa: E402
+from petbind.core.device import gpu_available, gpu_status  # noqa: E402
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters  # noqa: E402
 from petbind.recon.kernels.reference import back_reference, forward_reference  # noqa: E402
 from petbind.recon.projector import ListmodeProjector, SinogramProjector  # noqa: E402
@@ -118,7 +125,7 @@ def main(argv=None):
     devices = ["cpu", "gpu"] if args.device == "auto" else [args.device]
     if "gpu" in devices and not gpu_available():
         if args.device == "gpu":
-            raise SystemExit("--device gpu: no CUDA GPU visible to CuPy")
+            raise SystemExit(f"--device gpu: {gpu_status()[1]}")
         devices.remove("gpu")
     scanner, layout, grid, tof = setup(args.size)
     rng = np.random.default_rng(0)
@@ -135,14 +142,17 @@ def main(argv=None):
     _, _, pairs = random_bins(layout, args.listmode_events, rng)
     tof_bins = rng.integers(0, tof.num_bins, pairs.shape[0])
 
-    hdr = f"{'device':6} {'geometry':9} {'tof':6} {'LORs':>11} {'fwd LOR/s':>11} {'back LOR/s':>11} {'fwd/oracle':>11} {'back/oracle':>11}"
+    hdr = (f"{'device':6} {'geometry':9} {'tof':6} {'LORs':>11} {'fwd LOR/s':>11} {'back LOR/s':>11} {'fwd s':>8} "
+           f"{'back s':>8} {'fwd/oracle':>11} {'back/oracle':>11} {'peak MiB':>9}")
     print(hdr)
     print("-" * len(hdr), flush=True)
 
     def print_row(row):
         # one row as soon as it is measured: the mmr size takes many minutes on a CPU
-        dev, geom, kind, n, f, b, rf, rb = row
-        print(f"{dev:6} {geom:9} {kind:6} {n:11d} {f:11.3e} {b:11.3e} {rf:11.0f} {rb:11.0f}", flush=True)
+        dev, geom, kind, n, f, b, rf, rb, peak = row
+        peak_s = "-" if peak is None else f"{peak / 2**20:.0f}"
+        print(f"{dev:6} {geom:9} {kind:6} {n:11d} {f:11.3e} {b:11.3e} {n / f:8.3f} {n / b:8.3f} {rf:11.0f} {rb:11.0f} "
+              f"{peak_s:>9}", flush=True)
 
     rows = []
     for dev in devices:
@@ -150,34 +160,39 @@ def main(argv=None):
             import cupy as xp
 
             sync = xp.cuda.Device().synchronize
-            xp.get_default_memory_pool().free_all_blocks()
+            pool = xp.get_default_memory_pool()
+            pool.free_all_blocks()
         else:
-            xp, sync = np, (lambda: None)
+            xp, sync, pool = np, (lambda: None), None
         img = xp.asarray(img_np)
+        # Built inside each case so that the peak memory includes the projector's resident tables.
         cases = [
-            ("sinogram", "nontof", SinogramProjector(layout, grid, device=dev)),
-            ("sinogram", "tof", SinogramProjector(layout, grid, tof=tof, views=tof_views, device=dev)),
-            ("listmode", "nontof", ListmodeProjector(scanner, grid, pairs, device=dev)),
-            ("listmode", "tof", ListmodeProjector(scanner, grid, pairs, tof_bins=tof_bins, tof=tof, device=dev)),
+            ("sinogram", "nontof", lambda: SinogramProjector(layout, grid, device=dev)),
+            ("sinogram", "tof", lambda: SinogramProjector(layout, grid, tof=tof, views=tof_views, device=dev)),
+            ("listmode", "nontof", lambda: ListmodeProjector(scanner, grid, pairs, device=dev)),
+            ("listmode", "tof", lambda: ListmodeProjector(scanner, grid, pairs, tof_bins=tof_bins, tof=tof, device=dev)),
         ]
-        for geom, kind, op in cases:
+        for geom, kind, make in cases:
+            if pool is not None:
+                sync()
+                pool.free_all_blocks()
+                base = pool.total_bytes()
+            op = make()
             n_lors = int(np.prod(op.out_shape[:3])) if geom == "sinogram" else op.num_events
             y = op.forward(img)
             tf = best_time(lambda: op.forward(img), args.repeats, sync)
             tb = best_time(lambda: op.back(y), args.repeats, sync)
             of, ob = ora[kind]
-            rows.append((dev, geom, kind, n_lors, n_lors / tf, n_lors / tb, (n_lors / tf) / of, (n_lors / tb) / ob))
+            peak = None if pool is None else pool.total_bytes() - base
+            rows.append((dev, geom, kind, n_lors, n_lors / tf, n_lors / tb, (n_lors / tf) / of, (n_lors / tb) / ob, peak))
             print_row(rows[-1])
-            del y
+            y = op = None  # free the case before the next one is built
 
     print(f"NumPy oracle (same run): non-TOF {ora['nontof'][0]:.3e} fwd / {ora['nontof'][1]:.3e} back LOR/s; "
           f"TOF {ora['tof'][0]:.3e} / {ora['tof'][1]:.3e}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak host memory (max RSS): {peak_mib:.0f} MiB")
-    if "gpu" in devices:
-        import cupy
 
-        print(f"GPU memory pool in use at end: {cupy.get_default_memory_pool().total_bytes() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,24 @@ def check_sinogram_against_endpoints(rng, xp, device, tof, span):
     ref = forward_reference(img, s, e, grid, tof)
     ref = ref.reshape(op.out_shape) * layout.plane_multiplicity.reshape((-1,) + (1,) * (len(op.out_shape) - 1))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.max())
+
+
+def short_tof():
+    """TOF whose truncated kernels reach only +-19 mm from a LOR's midpoint
+    (3 bins of 5 mm, sigma 3.8 mm): samples of ``small_grid`` farther along a
+    LOR get no TOF weight."""
+    return TOFParameters(num_bins=3, bin_width_mm=5.0, fwhm_ps=60.0, num_sigmas=3.0)
+
+
+def check_tof_summed_back_projection(rng, xp, device, tof, span=3, views=None):
+    """``back_tof_summed(v)`` is the TOF back-projection of ``v`` copied into every bin."""
+    layout = small_layout(span)
+    grid = small_grid()
+    proj = SinogramProjector(layout, grid, tof=tof, views=views, device=device)
+    v = rng.random(proj.out_shape[:3]).astype(np.float32)
+    want = to_host(proj.back(xp.asarray(np.ascontiguousarray(np.repeat(v[..., None], tof.num_bins, axis=-1)))))
+    got = proj.back_tof_summed(xp.asarray(v))
+    assert isinstance(got, xp.ndarray)
+    got = to_host(got)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * want.max())
+    return got, to_host(SinogramProjector(layout, grid, views=views, device=device).back(xp.asarray(v)))

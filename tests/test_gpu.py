@@ -18,13 +18,6 @@ TOF_OPTIONS = [None, cases.small_tof()]
 TOF_IDS = ["nontof", "tof"]
 
 
-@pytest.fixture
-def cp():
-    import cupy
-
-    return cupy
-
-
 @pytest.mark.parametrize("tof", TOF_OPTIONS, ids=TOF_IDS)
 def test_gpu_adjoint_random_lors(rng, cp, tof):
     cases.check_adjoint_lors(rng, cp, "gpu", tof)
@@ -81,3 +74,8 @@ def test_gpu_tof_sums_to_nontof(rng, cp):
     t = forward_project(img, s, e, grid, tof=cases.small_tof())
     n = forward_project(img, s, e, grid)
     np.testing.assert_allclose(t.sum(axis=1).get(), n.get(), rtol=1e-5, atol=1e-5 * float(n.max()))
+
+
+@pytest.mark.parametrize("tof", [cases.small_tof(), cases.short_tof()], ids=["covering", "short"])
+def test_gpu_tof_summed_back_projection(rng, cp, tof):
+    cases.check_tof_summed_back_projection(rng, cp, "gpu", tof, 3, [0, 5, 7, 20])

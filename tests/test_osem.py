@@ -7,6 +7,9 @@ import pytest
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.osem import ListmodeOSEM, SinogramOSEM
 
+# The GPU variants run the same checks through CuPy (the stand-in on CI).
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
 
 def small_problem(rng, tof=None):
     scanner = Scanner.cylindrical(radius_mm=60.0, crystals_per_ring=40, num_rings=2, ring_spacing_mm=4.0)
@@ -20,6 +23,10 @@ def small_problem(rng, tof=None):
     data_shape = layout.shape + (() if tof is None else (tof.num_bins,))
     a = np.full(data_shape, 0.3, np.float32)
     return scanner, layout, grid, truth, m, a
+
+
+def to_host(a):
+    return a.get() if type(a).__module__.split(".")[0] == "cupy" else a
 
 
 def dense_matrix(op):
@@ -42,14 +49,18 @@ def dense_osem(A_subsets, y_subsets, a_subsets, n_iter, n_vox):
     return x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_subsets", [1, 4])
-def test_osem_matches_dense_matrix_oracle(rng, num_subsets):
+def test_osem_matches_dense_matrix_oracle(rng, num_subsets, device):
     scanner, layout, grid, truth, m, a = small_problem(rng)
-    rec = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=num_subsets, device="cpu")
-    # noisy data from the model itself
-    full = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device="cpu").models[0]
-    y = rng.poisson(full.expected_counts(truth)).astype(np.float32)
+    rec = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=num_subsets, device=device)
+    # noisy data from the model itself (NumPy in, NumPy out on either device)
+    full = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device=device).models[0]
+    ybar = full.expected_counts(truth)
+    assert isinstance(ybar, np.ndarray)
+    y = rng.poisson(ybar).astype(np.float32)
     got = rec.reconstruct(y, num_iterations=3, progress=False)
+    assert isinstance(got, np.ndarray)
     A_sub = [dense_matrix(model) for model in rec.models]
     y_sub = [y[:, v].astype(np.float64).ravel() for v in rec.subsets]
     a_sub = [a[:, v].astype(np.float64).ravel() for v in rec.subsets]
@@ -57,13 +68,15 @@ def test_osem_matches_dense_matrix_oracle(rng, num_subsets):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * want.max())
 
 
-def test_mlem_converges_on_consistent_data(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlem_converges_on_consistent_data(rng, device):
     scanner, layout, grid, truth, m, a = small_problem(rng)
-    rec = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device="cpu")
+    rec = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device=device)
     y = rec.models[0].expected_counts(truth)
     errors, loglik = [], []
 
-    def track(it, x):
+    def track(it, x):  # x lives on the reconstruction's device
+        x = to_host(x)
         ybar = rec.models[0].expected_counts(x).astype(np.float64)
         loglik.append(float((y * np.log(ybar) - ybar).sum()))
         errors.append(float(np.abs(x - truth).sum() / truth.sum()))
@@ -77,12 +90,13 @@ def test_mlem_converges_on_consistent_data(rng):
     assert x.sum() == pytest.approx(truth.sum(), rel=0.02)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_tof", [False, True])
-def test_listmode_osem_equals_sinogram_osem(rng, use_tof):
+def test_listmode_osem_equals_sinogram_osem(rng, use_tof, device):
     """Events made from a histogram reconstruct exactly as the histogram."""
     tof = TOFParameters(num_bins=5, bin_width_mm=30.0, fwhm_ps=300.0) if use_tof else None
     scanner, layout, grid, truth, m, a = small_problem(rng, tof)
-    sino = SinogramOSEM(layout, grid, tof=tof, multiplicative=m, additive=a, num_subsets=1, device="cpu")
+    sino = SinogramOSEM(layout, grid, tof=tof, multiplicative=m, additive=a, num_subsets=1, device=device)
     y = rng.poisson(sino.models[0].expected_counts(truth)).astype(np.float32)
     x_sino = sino.reconstruct(y, num_iterations=4, progress=False)
 
@@ -96,9 +110,9 @@ def test_listmode_osem_equals_sinogram_osem(rng, use_tof):
     ids = layout.detector_pairs().reshape(-1, 2)[lor]
     lm = ListmodeOSEM(
         scanner, grid, ids, sensitivity=sino.sensitivities()[0], tof_bins=tb, tof=tof,
-        multiplicative=m.reshape(-1)[lor], additive=a.reshape(-1)[bins], num_subsets=1, device="cpu",
+        multiplicative=m.reshape(-1)[lor], additive=a.reshape(-1)[bins], num_subsets=1, device=device,
     )
-    x_lm = lm.reconstruct(num_iterations=4, progress=False)
+    x_lm = to_host(lm.reconstruct(num_iterations=4, progress=False))
     np.testing.assert_allclose(x_lm, x_sino, rtol=1e-3, atol=1e-3 * x_sino.max())
 
 
@@ -118,39 +132,41 @@ def test_osem_refuses_bad_data(rng):
         SinogramOSEM(layout, grid, multiplicative=np.ones(3), device="cpu")
 
 
-def test_listmode_osem_subsets_match_dense_oracle(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_listmode_osem_subsets_match_dense_oracle(rng, device):
     """With event subsets each update uses A_k^T 1 = sensitivity / num_subsets."""
     scanner, layout, grid, truth, m, a = small_problem(rng)
-    full = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device="cpu")
+    full = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=1, device=device)
     y = rng.poisson(full.models[0].expected_counts(truth)).astype(np.float32)
     counts = y.reshape(-1).astype(int)
     bins = np.repeat(np.arange(counts.size), counts)
     ids = layout.detector_pairs().reshape(-1, 2)[bins]
     sens = full.sensitivities()[0]
     lm = ListmodeOSEM(scanner, grid, ids, sensitivity=sens, multiplicative=m.reshape(-1)[bins],
-                      additive=a.reshape(-1)[bins], num_subsets=3, device="cpu")
-    got = lm.reconstruct(num_iterations=2, progress=False)
+                      additive=a.reshape(-1)[bins], num_subsets=3, device=device)
+    got = to_host(lm.reconstruct(num_iterations=2, progress=False))
     A_sub = [dense_matrix(model) for model in lm.models]
     a_sub = [a.reshape(-1)[bins][idx].astype(np.float64) for idx in lm.subsets]
     x = np.ones(grid.num_voxels)
-    s = sens.astype(np.float64).ravel() / 3
+    s = to_host(sens).astype(np.float64).ravel() / 3
     for _ in range(2):
         for A, ae in zip(A_sub, a_sub):
             x = x / s * (A.T @ (1.0 / (A @ x + ae)))
     np.testing.assert_allclose(got.ravel(), x, rtol=1e-3, atol=1e-3 * x.max())
 
 
-def test_per_frame_additive_equals_a_fresh_reconstructor(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_frame_additive_equals_a_fresh_reconstructor(rng, device):
     """One SinogramOSEM serves several frames: set_additive/additive= give the
     same image as an object built with that frame's background."""
     scanner, layout, grid, truth, m, a = small_problem(rng)
     y = rng.poisson(5.0, layout.shape).astype(np.float32)
     a2 = (a * rng.uniform(0.5, 2.0, a.shape)).astype(np.float32)
-    shared = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=4, device="cpu")
+    shared = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=4, device=device)
     first = shared.reconstruct(y, 2, progress=False)
     second = shared.reconstruct(y, 2, progress=False, additive=a2)
-    fresh1 = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=4, device="cpu")
-    fresh2 = SinogramOSEM(layout, grid, multiplicative=m, additive=a2, num_subsets=4, device="cpu")
+    fresh1 = SinogramOSEM(layout, grid, multiplicative=m, additive=a, num_subsets=4, device=device)
+    fresh2 = SinogramOSEM(layout, grid, multiplicative=m, additive=a2, num_subsets=4, device=device)
     np.testing.assert_array_equal(first, fresh1.reconstruct(y, 2, progress=False))
     np.testing.assert_array_equal(second, fresh2.reconstruct(y, 2, progress=False))
     assert not np.allclose(first, second)

@@ -233,3 +233,13 @@ def test_bad_inputs_are_refused(rng):
     op = SinogramProjector(cases.small_layout(), grid, device="cpu")
     with pytest.raises(ValueError, match="expects shape"):
         op.forward(np.zeros((2, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("span,views", [(1, None), (3, [0, 5, 7, 20])])
+def test_tof_summed_back_projection(rng, span, views):
+    got, nontof = cases.check_tof_summed_back_projection(rng, np, "cpu", cases.small_tof(), span, views)
+    # the TOF range covers every LOR here: the TOF sensitivity is the non-TOF one
+    np.testing.assert_allclose(got, nontof, rtol=1e-4, atol=1e-5 * nontof.max())
+    got, nontof = cases.check_tof_summed_back_projection(rng, np, "cpu", cases.short_tof(), span, views)
+    # it does not here: samples beyond the TOF kernels' reach get no weight
+    assert np.abs(got - nontof).max() > 0.05 * nontof.max() and np.all(got <= nontof * (1 + 1e-4) + 1e-6)

@@ -586,3 +586,26 @@ def test_registry_drives_fit_model_and_cli():
         assert has_se == (spec.jacobian_se or spec.batch is None), name  # Logan gives no standard errors
     with pytest.raises(ValueError, match=r"model: expected one of \('srtm'"):
         get_model("ma1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["bfsrtm", "mrtm2"])
+def test_device_gpu_with_a_numpy_image_returns_numpy_maps(cp, model):
+    """``device="gpu"``: fitted on the GPU, handed back in the input's type (what a study pipeline calls)."""
+    rng = np.random.default_rng(22)
+    ref, img, _ = _phantom(rng)
+    kw = dict(weights="duration", progress=False, chunk_size=50)
+    if model == "mrtm2":
+        kw["tstar_min"] = 10.0
+    mask = np.ones(img.shape[:3], bool)
+    mask[0] = False
+    cpu = parametric_maps(model, START_S, END_S, ref, img, mask=mask, **kw)
+    gpu = parametric_maps(model, START_S, END_S, ref, img, mask=mask, device="gpu", **kw)
+    assert gpu.info["device"] == "gpu"
+    for name, m in cpu.maps.items():
+        assert isinstance(gpu.maps[name], np.ndarray), name
+        np.testing.assert_allclose(gpu.maps[name], m, rtol=1e-7, atol=1e-10, err_msg=name)
+    assert isinstance(gpu.status, np.ndarray)
+    np.testing.assert_array_equal(gpu.status, cpu.status)
+    with pytest.raises(ValueError, match="not both"):
+        parametric_maps(model, START_S, END_S, ref, img, xp="numpy", device="gpu", **kw)

@@ -158,13 +158,6 @@ def test_pvc_tacs_errors():
 
 
 # ------------------------------------------------------------------ GPU twins
-@pytest.fixture
-def cp():
-    import cupy
-
-    return cupy
-
-
 @pytest.mark.gpu
 def test_gpu_gtm_matrix_matches_full_image_computation(cp):
     cases.check_gtm_matrix_against_slow(cp)

@@ -16,6 +16,8 @@ from petbind.sim.acquisition import (
 )
 
 HALF_LIFE_S = 1221.84
+# GPU variants run the simulator's projections through CuPy (the stand-in on CI).
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,11 @@ def make_sim(setup, **kw):
     return ListmodeSimulator(layout, grid, mu, **args)
 
 
-def test_expected_trues_follow_the_system_model(setup):
+@pytest.mark.parametrize("device", DEVICES)
+def test_expected_trues_follow_the_system_model(setup, device):
     # Oracle: the full-sinogram projector (an independent code path from the plane chunks).
     scanner, layout, grid, activity, mu, eff = setup
-    sim = make_sim(setup)
+    sim = make_sim(setup, device=device)
     out = sim.simulate_sinograms(activity, [0.0], [60.0], seed=1)
     proj = SinogramProjector(layout, grid, device="cpu")
     att = np.exp(-proj.forward(mu).astype(np.float64))
@@ -210,10 +213,12 @@ def test_sample_decay_times_ks():
     assert decay_integral(10.0, 70.0, lam) == pytest.approx((math.exp(-0.5) - math.exp(-3.5)) / lam)
 
 
-def test_tof_sums_to_non_tof(setup):
+@pytest.mark.parametrize("device", DEVICES)
+def test_tof_sums_to_non_tof(setup, device):
     activity = setup[3]
     plain = make_sim(setup).simulate_sinograms(activity, [0.0], [60.0], seed=0)
-    tof = make_sim(setup, tof=TOFParameters(7, 15.0, 250.0)).simulate_sinograms(activity, [0.0], [60.0], seed=0)
+    tof = make_sim(setup, tof=TOFParameters(7, 15.0, 250.0), device=device).simulate_sinograms(
+        activity, [0.0], [60.0], seed=0)
     for name in ("trues", "scatter", "randoms"):
         np.testing.assert_allclose(tof[name][0].sum(-1), plain[name][0], rtol=1e-4, atol=1e-8 * plain[name].max())
 
@@ -386,20 +391,22 @@ def test_gap_crystals_never_detect(tmp_path):
     assert ListmodeReader(path).num_events > 100
 
 
-def test_osem_with_the_simulator_factors_recovers_bq_per_ml(setup):
+@pytest.mark.parametrize("device", DEVICES)
+def test_osem_with_the_simulator_factors_recovers_bq_per_ml(setup, device):
     # Cross-module check: data simulated here, reconstructed by petbind.recon.osem with the same factors
     # (m = kappa * D * n * a; a = scatter + randoms), give back the activity in Bq/mL.
     from petbind.recon.osem import SinogramOSEM
 
     scanner, layout, grid, activity, mu, eff = setup
-    sim = make_sim(setup)
+    sim = make_sim(setup, device=device)
     lam = math.log(2) / HALF_LIFE_S
     out = sim.simulate_sinograms(activity, [0.0], [120.0], seed=0)
     m = sim.kappa * decay_integral(0.0, 120.0, lam) * sim.normalisation * sim.attenuation
     add = (out["scatter"][0] + out["randoms"][0]).astype(np.float32)
     ybar = (out["trues"][0] + add).astype(np.float32)
-    rec = SinogramOSEM(layout, grid, multiplicative=m.astype(np.float32), additive=add, num_subsets=1, device="cpu")
+    rec = SinogramOSEM(layout, grid, multiplicative=m.astype(np.float32), additive=add, num_subsets=1, device=device)
     x = rec.reconstruct(ybar, num_iterations=200, progress=False)
+    assert isinstance(x, np.ndarray)
     c = grid.voxel_centres_mm()
     r = np.hypot(c[..., 0], c[..., 1])
     bg = (r < 18) & (np.abs(c[..., 0] - 8) > 10)

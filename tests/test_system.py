@@ -111,8 +111,13 @@ def test_normalisation_and_randoms_from_crystal_values(span):
         normalisation_factors(layout, eff[:-1])
 
 
+def _host(a):
+    return a.get() if type(a).__module__.split(".")[0] == "cupy" else a
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("tof", [None, "tof"])
-def test_system_model_with_real_projector(tof):
+def test_system_model_with_real_projector(tof, device):
     from petbind.recon.geometry import TOFParameters
     from petbind.recon.projector import SinogramProjector
     from petbind.recon.system import LORProjector
@@ -121,20 +126,29 @@ def test_system_model_with_real_projector(tof):
     layout = SinogramLayout(scanner, 11)
     grid = ImageGrid((10, 10, 3), 5.0)
     t = TOFParameters(5, 15.0, 300.0) if tof else None
-    proj = SinogramProjector(layout, grid, tof=t, device="cpu")
+    proj = SinogramProjector(layout, grid, tof=t, device=device)
     rng = np.random.default_rng(6)
     eff = rng.uniform(0.8, 1.2, scanner.num_detectors)
     mu = np.full(grid.shape, 0.0096, np.float32)
     m = normalisation_factors(layout, eff) * attenuation_factors(mu, proj)
+    m = _host(m)
     model = SystemModel(proj, multiplicative=m, resolution=6.0, grid=grid)
     assert model.adjointness_error(rng=7, dtype=np.float64) < 1e-5
-    sens = model.sensitivity()
+    sens = _host(model.sensitivity())
     mm = np.broadcast_to(m[..., None], proj.out_shape) if tof else m
     expected = GaussianFilter(grid, 6.0).back(proj.back(np.ascontiguousarray(mm, dtype=np.float32)))
+    assert isinstance(expected, np.ndarray)  # NumPy in, NumPy out, whatever the device
     np.testing.assert_allclose(sens, expected, rtol=1e-5, atol=1e-6 * expected.max())
     # The LOR projector of a plane subset equals those planes of the sinogram projector.
     start, end = layout.lor_endpoints_mm()
-    lp = LORProjector(start[2:5], end[2:5], grid, tof=t, device="cpu")
+    lp = LORProjector(start[2:5], end[2:5], grid, tof=t, device=device)
     x = rng.random(grid.shape).astype(np.float32)
     np.testing.assert_allclose(lp.forward(x), proj.forward(x)[2:5], rtol=1e-5, atol=1e-6)
     assert lp.adjointness_error(rng=8, dtype=np.float32) < 1e-5
+    if device == "gpu":  # CuPy in, CuPy out
+        import cupy
+
+        y = model.expected_counts(cupy.asarray(x))
+        assert isinstance(y, cupy.ndarray)
+        np.testing.assert_allclose(y.get(), model.expected_counts(x), rtol=1e-6)
+        assert lp.adjointness_error(rng=8, xp=cupy, dtype=np.float32) < 1e-5

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from petbind.core.device import array_module
+from petbind.core.device import array_module, to_namespace
 
 __all__ = ["LinearOperator", "Composition", "Multiply", "Identity", "adjointness_error"]
 
@@ -92,13 +92,17 @@ class Multiply(LinearOperator):
         self.in_shape = self.out_shape = tuple(factors.shape)
         self._on_device = {}
 
-    def _forward(self, x):
-        xp = array_module(x)
-        # Keep one copy per array namespace: no host/device transfer per call.
+    def factors_in(self, xp):
+        """The factors in namespace ``xp``: one copy per namespace, made
+        explicitly (CuPy refuses implicit host/device conversion) and kept, so
+        no call transfers them again."""
         f = self._on_device.get(xp.__name__)
         if f is None:
-            f = self._on_device[xp.__name__] = xp.asarray(self.factors)
-        return x * f
+            f = self._on_device[xp.__name__] = to_namespace(self.factors, xp)
+        return f
+
+    def _forward(self, x):
+        return x * self.factors_in(array_module(x))
 
     _back = _forward
 

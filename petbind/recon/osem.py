@@ -25,22 +25,34 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from petbind.core.device import to_numpy
+from petbind.core.device import array_module, to_namespace, to_numpy
 from petbind.recon.geometry import ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.projector import ListmodeProjector, SinogramProjector
 from petbind.recon.system import SystemModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["osem", "SinogramOSEM", "ListmodeOSEM"]
+__all__ = ["osem", "SinogramOSEM", "ListmodeOSEM", "sinogram_osem_memory"]
 
 
 def _check_counts(name, y):
-    yh = to_numpy(y) if not isinstance(y, np.ndarray) else y
-    if not np.all(np.isfinite(yh)):
+    # Checked where the data lie (two reductions on a GPU, no copy to the host).
+    xp = array_module(y)
+    if not bool(xp.all(xp.isfinite(y))):
         raise ValueError(f"{name} contains NaN or infinite values; measured counts must be finite")
-    if np.any(yh < 0):
+    if bool(xp.any(y < 0)):
         raise ValueError(f"{name} contains negative values; measured counts must be >= 0 (subtract nothing before OSEM)")
+
+
+def _back_ratio(model, x, y):
+    """``A^T (y / ȳ)`` with 0 where ``ȳ <= 0``; a model's own lean version when it has one."""
+    fn = getattr(model, "back_ratio", None)
+    if fn is not None:
+        return fn(x, y)
+    xp = array_module(x)
+    ybar = model.expected_counts(x)
+    ratio = xp.where(ybar > 0, y / xp.where(ybar > 0, ybar, 1.0), 0.0).astype(xp.float32)
+    return model.back(ratio)
 
 
 def osem(data, models, num_iterations, x0=None, sensitivities=None, progress=True, callback=None):
@@ -48,9 +60,10 @@ def osem(data, models, num_iterations, x0=None, sensitivities=None, progress=Tru
 
     Parameters
     ----------
-    data : sequence of ndarray
+    data : sequence of ndarray or float
         Measured counts per subset (``data[k].shape == models[k].out_shape``),
-        already in the models' array namespace.
+        already in the models' array namespace, or a number (1 for listmode
+        events).
     models : sequence of SystemModel
         One per subset (``expected_counts``, ``back``).
     num_iterations : int
@@ -79,16 +92,18 @@ def osem(data, models, num_iterations, x0=None, sensitivities=None, progress=Tru
     # Voxels no LOR sees stay zero instead of dividing by zero.
     inv_sens = []
     for s in sensitivities:
+        s = to_namespace(s, xp, np.float32)
         pos = s > 0
         inv_sens.append(xp.where(pos, 1.0 / xp.where(pos, s, 1.0), 0.0).astype(xp.float32))
-    x = xp.ones(models[0].in_shape, dtype=xp.float32) if x0 is None else xp.asarray(x0, dtype=xp.float32).copy()
+    x = xp.ones(models[0].in_shape, dtype=xp.float32) if x0 is None else to_namespace(x0, xp, np.float32).copy()
     bar = tqdm(total=int(num_iterations) * len(models), desc="OSEM", unit="subset", disable=not progress, leave=False)
     try:
         for it in range(int(num_iterations)):
             for k, model in enumerate(models):
-                ybar = model.expected_counts(x)
-                ratio = xp.where(ybar > 0, data[k] / xp.where(ybar > 0, ybar, 1.0), 0.0).astype(xp.float32)
-                x *= inv_sens[k] * model.back(ratio)
+                corr = _back_ratio(model, x, data[k])
+                corr *= inv_sens[k]
+                x *= corr
+                del corr
                 bar.update()
             if callback is not None:
                 callback(it + 1, x)
@@ -156,15 +171,25 @@ class SinogramOSEM:
         if additive is not None and tuple(additive.shape) != self.data_shape:
             raise ValueError(f"additive term must have the data shape {self.data_shape}; got {tuple(additive.shape)}")
         self.subsets = layout.view_subsets(num_subsets)
+        self.num_subsets = len(self.subsets)
         self.models = []
-        for views in self.subsets:
+        for k, views in enumerate(self.subsets):
             proj = SinogramProjector(layout, grid, tof=tof, views=views, device=device)
             xp = proj.xp
-            m = None if multiplicative is None else xp.asarray(multiplicative[:, views], dtype=xp.float32)
-            a = None if additive is None else xp.asarray(additive[:, views], dtype=xp.float32)
+            m = None if multiplicative is None else self._subset(multiplicative, k, xp)
+            a = None if additive is None else self._subset(additive, k, xp)
             self.models.append(SystemModel(proj, m, a, resolution=resolution_fwhm_mm, grid=grid))
         self.xp = self.models[0].projector.xp
         self._sens = None
+
+    def _subset(self, array, k, xp):
+        """Views ``k, k + S, ...`` of ``array`` in namespace ``xp``, float32: a
+        strided view (no copy) of an array already there, else one copy."""
+        # view_subsets interleaves the views, so a subset is a slice.
+        part = array[:, k :: self.num_subsets]
+        if array_module(array) is xp and part.dtype == np.float32:
+            return part
+        return to_namespace(part, xp, np.float32)
 
     def set_additive(self, additive):
         """Replace the additive term ``a`` (randoms + scatter, counts per bin).
@@ -181,9 +206,8 @@ class SinogramOSEM:
         """
         if additive is not None and tuple(additive.shape) != self.data_shape:
             raise ValueError(f"additive term must have the data shape {self.data_shape}; got {tuple(additive.shape)}")
-        for model, views in zip(self.models, self.subsets):
-            xp = model.projector.xp
-            model.additive = None if additive is None else xp.asarray(additive[:, views], dtype=xp.float32)
+        for k, model in enumerate(self.models):
+            model.additive = None if additive is None else self._subset(additive, k, model.xp)
 
     def sensitivities(self):
         """``A_k^T 1`` per subset (cached)."""
@@ -219,10 +243,12 @@ class SinogramOSEM:
         if additive is not None:
             self.set_additive(additive)
         xp = self.xp
-        data = [xp.asarray(prompts[:, v], dtype=xp.float32) for v in self.subsets]
+        # Device prompts are used in place (strided views); host prompts are
+        # copied once, subset by subset: the data occupy D bytes on the device.
+        data = [self._subset(prompts, k, xp) for k in range(self.num_subsets)]
         x = osem(data, self.models, num_iterations, x0=x0, sensitivities=self.sensitivities(),
                  progress=progress, callback=callback)
-        return x if not isinstance(prompts, np.ndarray) else to_numpy(x)
+        return to_namespace(x, array_module(prompts))
 
 
 class ListmodeOSEM:
@@ -293,6 +319,67 @@ class ListmodeOSEM:
 
     def reconstruct(self, num_iterations, x0=None, progress=True, callback=None):
         """Run listmode OSEM; returns the image in the projector's array namespace."""
-        data = [self.xp.ones(m.out_shape, dtype=self.xp.float32) for m in self.models]
+        # Every event counts 1: a scalar, not an array of ones per subset.
+        data = [1.0] * len(self.models)
         return osem(data, self.models, num_iterations, x0=x0, sensitivities=self._sens,
                     progress=progress, callback=callback)
+
+
+def sinogram_osem_memory(layout, grid, tof=None, num_subsets=1, multiplicative=True, additive=True,
+                         resolution=False):
+    """Device memory of :class:`SinogramOSEM` reconstructing one frame (bytes).
+
+    A model of the arrays the reconstruction keeps on its device and of the
+    largest set alive at once, to answer "does this scan fit on this GPU?"
+    without allocating it.  ``tests/test_osem_memory.py`` checks it against
+    the allocations counted by the CuPy stand-in.
+
+    Parameters
+    ----------
+    layout : SinogramLayout
+    grid : ImageGrid
+    tof : TOFParameters, optional
+    num_subsets : int
+    multiplicative, additive, resolution : bool
+        Whether ``m``, ``a`` and an image-space PSF are used.
+
+    Returns
+    -------
+    dict
+        Bytes per part (``data``, ``additive``, ``multiplicative``,
+        ``tables``, ``sensitivities``, ``images``, ``subset_work``) and
+        ``total`` (the peak).
+
+    Notes
+    -----
+    With ``D`` the TOF data (float32), ``N`` the non-TOF data, ``S`` the
+    subsets, ``I`` an image and ``D_k`` the largest subset:
+    ``peak = D (prompts) + D (a) + N (m) + 2 S I (A_k^T 1 and its inverse)
+    + (4 + 3 [PSF]) I + 1.25 D_k`` (the projection buffer, reused in place
+    for the ratio, and a boolean mask), plus the small detector tables.
+    Host prompts are copied subset by subset (device prompts are used as
+    views, the caller's ``D``).  The TOF sensitivity is made from non-TOF
+    arrays (:meth:`SinogramProjector.back_tof_summed`).
+    """
+    f = 4
+    subsets = layout.view_subsets(num_subsets)
+    t = 1 if tof is None else int(tof.num_bins)
+    n_lor = layout.num_planes * layout.num_views * layout.num_radial
+    largest = layout.num_planes * max(len(v) for v in subsets) * layout.num_radial
+    image = int(np.prod(grid.shape)) * f
+    span_factor = 0 if np.all(layout.plane_multiplicity == 1) else 1
+    tables = sum(
+        f * (2 * layout.scanner.crystals_per_ring + 2 * layout.num_planes + len(v) + 9 + span_factor * layout.num_planes)
+        for v in subsets
+    )
+    parts = {
+        "data": n_lor * t * f,
+        "additive": n_lor * t * f if additive else 0,
+        "multiplicative": n_lor * f if multiplicative else 0,
+        "tables": tables,
+        "sensitivities": 2 * len(subsets) * image,
+        "images": (4 + (3 if resolution else 0)) * image,
+        "subset_work": largest * t * f + largest * t,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

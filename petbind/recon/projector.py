@@ -30,13 +30,13 @@ import warnings
 import numpy as np
 
 from petbind.recon import kernels
-from petbind.core.device import array_module, get_cupy, resolve_device, to_numpy
+from petbind.core.device import array_module, get_cupy, resolve_device, to_namespace, to_numpy
 from petbind.recon.geometry import DetectorArray, ImageGrid, Scanner, SinogramLayout, TOFParameters
 from petbind.recon.operators import LinearOperator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["forward_project", "back_project", "Projector", "SinogramProjector", "ListmodeProjector"]
+__all__ = ["forward_project", "back_project", "Projector", "EndpointProjector", "SinogramProjector", "ListmodeProjector"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,14 +63,15 @@ class _Backend:
 
     def to_caller(self, result, like):
         """Return ``result`` in the array type of ``like``."""
-        if array_module(like) is np and self.xp is not np:
-            return to_numpy(result)
-        return result
+        caller = array_module(like)
+        return result if caller is self.xp else to_namespace(result, caller)
 
     def cpu_compiled(self):
         return self.device == "cpu" and kernels.cpu_library("joseph") is not None
 
-    def launch(self, kernel, args, count):
+    def launch(self, kernel, count, **arguments):
+        """Run ``kernel`` over ``count`` threads with its arguments named as in ``joseph.cu``."""
+        args = kernels.bind(kernel, **arguments)
         if self.device == "gpu":
             kernels.launch_gpu(kernel, args, count)
         else:
@@ -94,17 +95,20 @@ def _warn_fallback():
 def _grid_args(be, grid):
     if not isinstance(grid, ImageGrid):
         raise TypeError(f"grid must be an ImageGrid; got {type(grid).__name__}")
-    return (
-        be.array(grid.origin_mm, np.float32),
-        be.array(grid.voxel_size_mm, np.float32),
-        be.array(np.asarray(grid.shape), np.int32),
+    return dict(
+        image_origin=be.array(grid.origin_mm, np.float32),
+        voxel_size=be.array(grid.voxel_size_mm, np.float32),
+        image_shape=be.array(np.asarray(grid.shape), np.int32),
     )
 
 
 def _tof_args(tof):
+    if tof is None:
+        return {}
     if not isinstance(tof, TOFParameters):
         raise TypeError(f"tof must be a TOFParameters or None; got {type(tof).__name__}")
-    return (int(tof.num_bins), float(tof.bin_width_mm), float(tof.sigma_mm), float(tof.num_sigmas))
+    return dict(num_tof_bins=int(tof.num_bins), tof_bin_width=float(tof.bin_width_mm), tof_sigma=float(tof.sigma_mm),
+                tof_num_sigmas=float(tof.num_sigmas))
 
 
 def _check_image(image, grid, what="image"):
@@ -154,14 +158,10 @@ def forward_project(image, lor_start_mm, lor_end_mm, grid, tof=None, device="aut
 
         out = forward_reference(image, s, e, grid, tof).astype(np.float32)
     else:
-        s, e = be.array(s, np.float32), be.array(e, np.float32)
-        img = be.array(image, np.float32)
-        if tof is None:
-            out = be.xp.empty(n, dtype=np.float32)
-            be.launch("joseph_forward_lor", (s, e, img, *_grid_args(be, grid), out, n), n)
-        else:
-            out = be.xp.empty((n, tof.num_bins), dtype=np.float32)
-            be.launch("joseph_forward_lor_tof", (s, e, img, *_grid_args(be, grid), *_tof_args(tof), out, n), n)
+        out = be.xp.empty((n,) + (() if tof is None else (tof.num_bins,)), dtype=np.float32)
+        be.launch("joseph_forward_lor" + ("" if tof is None else "_tof"), n, lor_start=be.array(s, np.float32),
+                  lor_end=be.array(e, np.float32), image=be.array(image, np.float32), **_grid_args(be, grid),
+                  **_tof_args(tof), projection=out, num_lors=n)
     out = out.reshape(lead + (() if tof is None else (tof.num_bins,)))
     return be.to_caller(out, image)
 
@@ -196,13 +196,10 @@ def back_project(values, lor_start_mm, lor_end_mm, grid, tof=None, device="auto"
 
         vals = np.asarray(values).reshape((n,) + (() if tof is None else (tof.num_bins,)))
         return back_reference(vals, s, e, grid, tof).astype(np.float32)
-    s, e = be.array(s, np.float32), be.array(e, np.float32)
-    vals = be.array(values, np.float32)
     img = be.xp.zeros(grid.shape, dtype=np.float32)
-    if tof is None:
-        be.launch("joseph_back_lor", (s, e, vals, *_grid_args(be, grid), img, n), n)
-    else:
-        be.launch("joseph_back_lor_tof", (s, e, vals, *_grid_args(be, grid), *_tof_args(tof), img, n), n)
+    be.launch("joseph_back_lor" + ("" if tof is None else "_tof"), n, lor_start=be.array(s, np.float32),
+              lor_end=be.array(e, np.float32), projection=be.array(values, np.float32), **_grid_args(be, grid),
+              **_tof_args(tof), image=img, num_lors=n)
     return be.to_caller(img, values)
 
 
@@ -212,11 +209,18 @@ def back_project(values, lor_start_mm, lor_end_mm, grid, tof=None, device="auto"
 class Projector(LinearOperator):
     """Base of the projector operators.
 
-    Subclasses hold their detector tables on the chosen device (copied once);
-    ``forward``/``back`` accept NumPy or CuPy arrays and return the caller's
-    array type, moving data only when the caller's type differs from the
-    projector's device.
+    Subclasses hold everything their kernels need on the chosen device,
+    copied once at construction: detector tables, LOR end points, the image
+    grid and the TOF parameters (``self._geometry``); a call uploads nothing
+    but its input when that is on the host.  ``forward``/``back`` accept NumPy
+    or CuPy arrays and return the caller's array type.
+
+    Subclasses set ``_kernel`` (``"joseph_{}_sino"`` style, ``{}`` being
+    ``forward`` or ``back``), ``_geometry`` (the kernel's geometry arguments by
+    name), ``num_lors`` (threads per launch) and ``out_shape``.
     """
+
+    _kernel = ""
 
     def __init__(self, grid, tof=None, device="auto"):
         if not isinstance(grid, ImageGrid):
@@ -228,6 +232,8 @@ class Projector(LinearOperator):
         self.device = resolve_device(device)
         self._be = _Backend(self.device)
         self.in_shape = tuple(grid.shape)
+        self._grid_args = _grid_args(self._be, grid)
+        self._tof_args = _tof_args(tof)
 
     @property
     def xp(self):
@@ -250,6 +256,96 @@ class Projector(LinearOperator):
         out = self._run_back(be.array(y, np.float32))
         return be.to_caller(out, y)
 
+    def back_inplace(self, y):
+        """:meth:`back` that may overwrite ``y`` (scale it in place) instead of
+        copying it: for callers whose ``y`` is a temporary of their own, such
+        as OSEM's ratio.  ``y`` must be a C-contiguous float32 array of
+        :attr:`xp`; the result is in :attr:`xp`."""
+        if tuple(y.shape) != tuple(self.out_shape):
+            raise ValueError(f"{type(self).__name__}.back_inplace expects shape {self.out_shape}; got {tuple(y.shape)}")
+        if array_module(y) is not self.xp or y.dtype != np.float32 or not y.flags.c_contiguous:
+            raise TypeError(f"back_inplace needs a C-contiguous float32 array of {self.xp.__name__}")
+        return self._run_back(y, overwrite=True)
+
+    def _launch(self, direction, suffix="", **arguments):
+        name = self._kernel.format(direction) + ("" if self.tof is None or suffix is None else "_tof") + (suffix or "")
+        count = kernels.kernel_signatures("joseph")[name].count.name
+        self._be.launch(name, self.num_lors, **self._geometry, **self._grid_args, **self._tof_args,
+                        **arguments, **{count: self.num_lors})
+
+    def _lor_shape(self):
+        return tuple(self.out_shape[:-1]) if self.tof is not None else tuple(self.out_shape)
+
+    def _reference_forward(self, img):
+        from petbind.recon.kernels.reference import forward_reference
+
+        s, e = self.lor_endpoints_mm()
+        tb = self._reference_tof_bins()
+        return forward_reference(to_numpy(img), s, e, self.grid, self.tof, *tb).astype(np.float32).reshape(self.out_shape)
+
+    def _reference_back(self, values):
+        from petbind.recon.kernels.reference import back_reference
+
+        s, e = self.lor_endpoints_mm()
+        tb = self._reference_tof_bins()
+        shape = (s.shape[0],) + (() if self.tof is None or tb else (self.tof.num_bins,))
+        return back_reference(to_numpy(values).reshape(shape), s, e, self.grid, self.tof, *tb).astype(np.float32)
+
+    def _reference_tof_bins(self):
+        return ()
+
+    def _run_forward(self, img):
+        if self._use_fallback():
+            return self._reference_forward(img)
+        out = self.xp.empty(self.out_shape, dtype=np.float32)
+        self._launch("forward", image=img, projection=out)
+        return out
+
+    def _run_back(self, values, overwrite=False):
+        if self._use_fallback():
+            return self._reference_back(values)
+        img = self.xp.zeros(self.grid.shape, dtype=np.float32)
+        self._launch("back", projection=values, image=img)
+        return img
+
+
+class EndpointProjector(Projector):
+    """Projector for explicit LORs (end points in mm), kept on the device.
+
+    Parameters
+    ----------
+    lor_start_mm, lor_end_mm : ndarray, shape (..., 3)
+        LOR end points (mm), NumPy or CuPy.
+    grid : ImageGrid
+    tof : TOFParameters, optional
+    device : {"auto", "cpu", "gpu"}
+
+    Notes
+    -----
+    ``out_shape`` is ``lor_start_mm.shape[:-1]`` (plus ``(tof.num_bins,)``).
+    The same kernels as :func:`forward_project`/:func:`back_project`, with
+    the end points uploaded once instead of on every call.
+    """
+
+    _kernel = "joseph_{}_lor"
+
+    def __init__(self, lor_start_mm, lor_end_mm, grid, tof=None, device="auto"):
+        super().__init__(grid, tof, device)
+        s, e, lead = _lor_arrays(lor_start_mm, lor_end_mm)
+        be = self._be
+        self.lor_shape = lead
+        self.num_lors = int(s.shape[0])
+        self.out_shape = lead + (() if tof is None else (tof.num_bins,))
+        self._geometry = dict(lor_start=be.array(s, np.float32), lor_end=be.array(e, np.float32))
+
+    def lor_endpoints_mm(self):
+        """LOR end points (NumPy, for checks and the fallback)."""
+        return to_numpy(self._geometry["lor_start"]), to_numpy(self._geometry["lor_end"])
+
+    def __repr__(self):
+        return (f"EndpointProjector(num_lors={self.num_lors}, out_shape={self.out_shape}, "
+                f"tof={'yes' if self.tof else 'no'}, device={self.device!r})")
+
 
 class SinogramProjector(Projector):
     """Projector for a :class:`~petbind.recon.geometry.SinogramLayout`.
@@ -270,6 +366,8 @@ class SinogramProjector(Projector):
     ring pairs it groups (:attr:`SinogramLayout.plane_multiplicity`).
     """
 
+    _kernel = "joseph_{}_sino"
+
     def __init__(self, layout, grid, tof=None, views=None, device="auto"):
         if not isinstance(layout, SinogramLayout):
             raise TypeError(f"layout must be a SinogramLayout; got {type(layout).__name__}")
@@ -281,59 +379,69 @@ class SinogramProjector(Projector):
         self.views = views
         self.out_shape = (layout.num_planes, views.size, layout.num_radial) + (() if tof is None else (tof.num_bins,))
         be = self._be
-        self._tables = (
-            be.array(layout.scanner.crystal_xy_mm, np.float32),
-            be.array(layout.plane_z_mm, np.float32),
-            be.array(views, np.int32),
-            int(layout.scanner.crystals_per_ring),
-            int(views.size),
-            int(layout.num_radial),
+        self._geometry = dict(
+            crystal_xy=be.array(layout.scanner.crystal_xy_mm, np.float32),
+            plane_z=be.array(layout.plane_z_mm, np.float32),
+            views=be.array(views, np.int32),
+            crystals_per_ring=int(layout.scanner.crystals_per_ring),
+            num_subset_views=int(views.size),
+            num_radial=int(layout.num_radial),
         )
         mult = layout.plane_multiplicity
-        self._mult = None if np.all(mult == 1) else be.array(mult.reshape((-1,) + (1,) * (len(self.out_shape) - 1)), np.float32)
-        self._grid_args = _grid_args(be, grid)
+        self._mult_lor = None if np.all(mult == 1) else be.array(mult.reshape(-1, 1, 1), np.float32)
+        self._mult = None if self._mult_lor is None else self._mult_lor.reshape((-1,) + (1,) * (len(self.out_shape) - 1))
         self.num_lors = int(np.prod(self.out_shape[:3]))
 
     def lor_endpoints_mm(self):
         """LOR end points of this projector's bins (NumPy, for checks and plots)."""
-        return self.layout.lor_endpoints_mm(self.views)
+        s, e = self.layout.lor_endpoints_mm(self.views)
+        return s.reshape(-1, 3), e.reshape(-1, 3)
 
     def _run_forward(self, img):
-        be = self._be
-        if self._use_fallback():
-            from petbind.recon.kernels.reference import forward_reference
-
-            s, e = self.lor_endpoints_mm()
-            out = forward_reference(img, s, e, self.grid, self.tof).astype(np.float32).reshape(self.out_shape)
-        else:
-            out = be.xp.empty(self.out_shape, dtype=np.float32)
-            n = self.num_lors
-            if self.tof is None:
-                be.launch("joseph_forward_sino", (*self._tables, img, *self._grid_args, out, n), n)
-            else:
-                args = (*self._tables, img, *self._grid_args, *_tof_args(self.tof), out, n)
-                be.launch("joseph_forward_sino_tof", args, n)
+        out = super()._run_forward(img)
         if self._mult is not None:
             out *= self._mult
         return out
 
-    def _run_back(self, sino):
-        be = self._be
+    def _run_back(self, sino, overwrite=False):
         if self._mult is not None:
-            sino = sino * self._mult
-        if self._use_fallback():
-            from petbind.recon.kernels.reference import back_reference
+            if overwrite:
+                sino *= self._mult
+            else:
+                sino = sino * self._mult
+        return super()._run_back(sino)
 
-            s, e = self.lor_endpoints_mm()
-            vals = sino.reshape((self.num_lors,) + (() if self.tof is None else (self.tof.num_bins,)))
-            return back_reference(vals, s, e, self.grid, self.tof).astype(np.float32)
-        img = be.xp.zeros(self.grid.shape, dtype=np.float32)
-        n = self.num_lors
+    def back_tof_summed(self, values):
+        """Adjoint of summing the TOF bins: ``P_tof^T (v ⊗ 1)``.
+
+        Parameters
+        ----------
+        values : ndarray, shape ``out_shape[:3]`` (the non-TOF sinogram)
+            One value per LOR, given to every TOF bin (NumPy or CuPy).
+
+        Returns
+        -------
+        ndarray, shape ``grid.shape``
+            Equal to ``back(values[..., None] * ones(num_tof_bins))`` at about
+            the cost of a non-TOF back-projection: the TOF weights of a sample
+            sum to 1 over the bins its truncated kernel overlaps.  With
+            ``values = m`` this is the TOF sensitivity.  For a non-TOF
+            projector it is :meth:`back`.
+        """
+        if tuple(values.shape) != self._lor_shape():
+            raise ValueError(f"values must have the non-TOF shape {self._lor_shape()}; got {tuple(values.shape)}")
         if self.tof is None:
-            be.launch("joseph_back_sino", (*self._tables, sino, *self._grid_args, img, n), n)
-        else:
-            be.launch("joseph_back_sino_tof", (*self._tables, sino, *self._grid_args, *_tof_args(self.tof), img, n), n)
-        return img
+            return self.back(values)
+        be = self._be
+        v = be.array(values, np.float32)
+        if self._use_fallback():
+            full = self.xp.broadcast_to(v[..., None], self.out_shape)
+            return be.to_caller(self._run_back(self.xp.ascontiguousarray(full)), values)
+        if self._mult_lor is not None:
+            v = v * self._mult_lor
+        img = self.xp.zeros(self.grid.shape, dtype=np.float32)
+        self._launch("back", suffix="_summed", lor_values=v, image=img)
+        return be.to_caller(img, values)
 
     def __repr__(self):
         return (
@@ -365,6 +473,8 @@ class ListmodeProjector(Projector):
     projection into its own TOF bin.
     """
 
+    _kernel = "joseph_{}_listmode"
+
     def __init__(self, scanner, grid, detector_ids, tof_bins=None, tof=None, device="auto"):
         if not isinstance(scanner, (Scanner, DetectorArray)):
             raise TypeError(f"scanner must be a Scanner or DetectorArray; got {type(scanner).__name__}")
@@ -381,55 +491,30 @@ class ListmodeProjector(Projector):
             raise ValueError("give both tof and tof_bins, or neither")
         be = self._be
         self.scanner = scanner
-        self.num_events = int(ids.shape[0])
+        self.num_events = self.num_lors = int(ids.shape[0])
         self.out_shape = (self.num_events,)
-        self._xyz = be.array(scanner.detector_positions_mm(), np.float32)
-        self._ids = be.array(ids, np.int32)
+        self._geometry = dict(detector_xyz=be.array(scanner.detector_positions_mm(), np.float32),
+                              detector_ids=be.array(ids, np.int32))
         if tof is not None:
             tb = np.asarray(to_numpy(tof_bins)).reshape(-1)
             if tb.shape[0] != self.num_events:
                 raise ValueError(f"tof_bins must have one entry per event ({self.num_events}); got {tb.shape[0]}")
             if tb.size and (tb.min() < 0 or tb.max() >= tof.num_bins):
                 raise ValueError(f"tof_bins must lie in [0, {tof.num_bins}); got range [{tb.min()}, {tb.max()}]")
-            self._tof_bins = be.array(tb, np.int32)
-        self._grid_args = _grid_args(be, grid)
+            self._geometry["tof_bin"] = be.array(tb, np.int32)
 
     def lor_endpoints_mm(self):
         xyz = self.scanner.detector_positions_mm()
-        ids = to_numpy(self._ids)
+        ids = to_numpy(self._geometry["detector_ids"])
         return xyz[ids[:, 0]], xyz[ids[:, 1]]
 
+    def _reference_tof_bins(self):
+        return () if self.tof is None else (to_numpy(self._geometry["tof_bin"]),)
+
     def _run_forward(self, img):
-        be, n = self._be, self.num_events
-        if self._use_fallback():
-            from petbind.recon.kernels.reference import forward_reference
-
-            s, e = self.lor_endpoints_mm()
-            tb = None if self.tof is None else to_numpy(self._tof_bins)
-            return forward_reference(img, s, e, self.grid, self.tof, tb).astype(np.float32)
-        out = be.xp.empty(n, dtype=np.float32)
-        if self.tof is None:
-            be.launch("joseph_forward_listmode", (self._xyz, self._ids, img, *self._grid_args, out, n), n)
-        else:
-            args = (self._xyz, self._ids, self._tof_bins, img, *self._grid_args, *_tof_args(self.tof), out, n)
-            be.launch("joseph_forward_listmode_tof", args, n)
-        return out
-
-    def _run_back(self, values):
-        be, n = self._be, self.num_events
-        if self._use_fallback():
-            from petbind.recon.kernels.reference import back_reference
-
-            s, e = self.lor_endpoints_mm()
-            tb = None if self.tof is None else to_numpy(self._tof_bins)
-            return back_reference(values, s, e, self.grid, self.tof, tb).astype(np.float32)
-        img = be.xp.zeros(self.grid.shape, dtype=np.float32)
-        if self.tof is None:
-            be.launch("joseph_back_listmode", (self._xyz, self._ids, values, *self._grid_args, img, n), n)
-        else:
-            args = (self._xyz, self._ids, self._tof_bins, values, *self._grid_args, *_tof_args(self.tof), img, n)
-            be.launch("joseph_back_listmode_tof", args, n)
-        return img
+        if self.num_events == 0:
+            return self.xp.zeros(0, dtype=np.float32)
+        return super()._run_forward(img)
 
     def __repr__(self):
         return f"ListmodeProjector(num_events={self.num_events}, in_shape={self.in_shape}, tof={'yes' if self.tof else 'no'}, device={self.device!r})"

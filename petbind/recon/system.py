@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from petbind.core.device import array_module
+from petbind.core.device import array_module, to_namespace
 from petbind.recon.geometry import ImageGrid, TOFParameters
 from petbind.recon.operators import Composition, Identity, LinearOperator, Multiply
 
@@ -115,12 +115,15 @@ class LORProjector(LinearOperator):
     grid : ImageGrid
     tof : TOFParameters, optional
     device : {"auto", "cpu", "gpu"}
+        Where NumPy inputs are projected; CuPy inputs always run on the GPU.
 
     Notes
     -----
     ``out_shape`` is ``lor_start_mm.shape[:-1]`` (plus ``(tof.num_bins,)``).
-    Wraps :func:`petbind.recon.projector.forward_project` and its exact adjoint
-    :func:`petbind.recon.projector.back_project`.
+    Runs :class:`petbind.recon.projector.EndpointProjector` (the kernels of
+    :func:`petbind.recon.projector.forward_project` and its exact adjoint),
+    one per device used, made on first use, so the end points are uploaded
+    once.
     """
 
     def __init__(self, lor_start_mm, lor_end_mm, grid, tof=None, device="auto"):
@@ -135,18 +138,24 @@ class LORProjector(LinearOperator):
         self.grid, self.tof, self.device = grid, tof, device
         self.in_shape = tuple(grid.shape)
         self.out_shape = tuple(self.lor_shape) + ((tof.num_bins,) if tof is not None else ())
+        self._impl = {}
+
+    def _projector(self, v):
+        from petbind.core.device import resolve_device  # noqa: PLC0415
+        from petbind.recon.projector import EndpointProjector  # noqa: PLC0415 - keeps this module importable alone
+
+        device = "gpu" if array_module(v) is not np else resolve_device(self.device)
+        p = self._impl.get(device)
+        if p is None:
+            p = self._impl[device] = EndpointProjector(self._start, self._end, self.grid, tof=self.tof, device=device)
+        return p
 
     def _forward(self, x):
-        from petbind.recon.projector import forward_project  # noqa: PLC0415 - keeps this module importable alone
-
-        y = forward_project(x, self._start, self._end, self.grid, tof=self.tof, device=self.device)
-        return y.reshape(self.out_shape)
+        return self._projector(x).forward(x).reshape(self.out_shape)
 
     def _back(self, y):
-        from petbind.recon.projector import back_project  # noqa: PLC0415
-
-        flat = y.reshape((-1,) + ((self.tof.num_bins,) if self.tof is not None else ()))
-        return back_project(flat, self._start, self._end, self.grid, tof=self.tof, device=self.device)
+        p = self._projector(y)
+        return p.back(y.reshape(p.out_shape))
 
     def __repr__(self):
         return f"LORProjector(num_lors={int(np.prod(self.lor_shape))}, out_shape={self.out_shape}, tof={self.tof is not None})"
@@ -196,6 +205,11 @@ class SystemModel(LinearOperator):
     and its adjoint ``A^T = G^T P^T diag(m)``; :meth:`expected_counts` adds
     ``a``; :meth:`sensitivity` is ``A^T 1 = G^T P^T m``, the OSEM
     normalisation image.
+
+    The model computes in the array namespace of its projector (``xp``:
+    NumPy, or CuPy for a GPU projector).  Its public methods accept NumPy or
+    CuPy and return the input's type; an input of the other type is copied
+    once at the call, never inside the model.
     """
 
     def __init__(self, projector, multiplicative=None, additive=None, resolution=None, grid=None):
@@ -230,23 +244,119 @@ class SystemModel(LinearOperator):
                 raise ValueError(f"additive term of shape {tuple(additive.shape)} does not broadcast to data shape {out}") from None
         self.in_shape, self.out_shape = tuple(projector.in_shape), out
 
+    @property
+    def xp(self):
+        """The array namespace the model computes in (its projector's; NumPy when it has none)."""
+        xp = getattr(self.projector, "xp", None)
+        return xp if xp is not None else np
+
+    def _run(self, fn, v):
+        xp = self.xp
+        caller = array_module(v)
+        out = fn(to_namespace(v, xp) if caller is not xp else v)
+        return to_namespace(out, caller) if caller is not xp else out
+
     def _forward(self, x):
-        return self.linear.forward(x)
+        return self._run(self.linear.forward, x)
 
     def _back(self, y):
-        return self.linear.back(y)
+        return self._run(self.linear.back, y)
+
+    def _additive_on(self, xp):
+        a = self.additive
+        if a is None or np.isscalar(a):
+            return a
+        if array_module(a) is not xp:
+            a = to_namespace(a, xp)
+        return a
 
     def expected_counts(self, x):
-        """``ȳ = A x + a`` (same array namespace as ``x``)."""
-        y = self.forward(x)
-        if self.additive is None:
-            return y
-        xp = array_module(y)
-        return y + (self.additive if np.isscalar(self.additive) else xp.asarray(self.additive))
+        """``ȳ = A x + a``, of the array type of ``x``."""
+        if tuple(x.shape) != tuple(self.in_shape):
+            raise ValueError(f"{type(self).__name__}.expected_counts expects shape {self.in_shape}; got {tuple(x.shape)}")
 
-    def sensitivity(self, dtype=np.float32, xp=np):
-        """``A^T 1 = G^T P^T m`` (image), computed in the array namespace ``xp``."""
-        return self.back(xp.ones(self.out_shape, dtype=dtype))
+        def run(xd):
+            y = self.linear.forward(xd)
+            a = self._additive_on(array_module(y))
+            if a is not None:
+                y += a
+            return y
+
+        return self._run(run, x)
+
+    def back_ratio(self, x, measured):
+        """``A^T (y / (A x + a))`` with 0 where ``A x + a <= 0``: the OSEM
+        back-projected ratio, made with one data-sized temporary.
+
+        Parameters
+        ----------
+        x : ndarray, shape ``in_shape``
+            Current image, in the model's namespace (:attr:`xp`).
+        measured : ndarray, shape ``out_shape``
+            Measured counts ``y``, in the model's namespace (may be a strided view).
+
+        Returns
+        -------
+        ndarray, shape ``in_shape``, float32, in the model's namespace.
+
+        Notes
+        -----
+        The projection buffer is scaled by ``m``, shifted by ``a``, divided
+        into ``y`` and scaled by ``m`` again in place; besides it only a
+        boolean mask of the same shape is allocated (a quarter of its size).
+        """
+        xp = self.xp
+        gx = x if self.resolution is None else self.resolution.forward(x)
+        y = self.projector.forward(gx)
+        f = None
+        if isinstance(self.multiplicative_op, Multiply):
+            f = self.multiplicative_op.factors_in(xp)
+            y *= f
+        a = self._additive_on(xp)
+        if a is not None:
+            y += a
+        keep = y > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xp.divide(measured, y, out=y)
+        xp.logical_not(keep, out=keep)
+        xp.copyto(y, 0.0, where=keep)
+        del keep
+        if f is not None:
+            y *= f
+        inplace = getattr(self.projector, "back_inplace", None)
+        img = inplace(y) if inplace is not None and y.dtype == np.float32 else self.projector.back(y)
+        del y
+        return img if self.resolution is None else self.resolution.back(img)
+
+    def sensitivity(self, dtype=np.float32, xp=None):
+        """``A^T 1 = G^T P^T m`` (image, the OSEM normalisation).
+
+        Parameters
+        ----------
+        dtype : dtype
+        xp : module, optional
+            Namespace of the result (default: the model's).
+
+        Notes
+        -----
+        For a TOF projector that offers ``back_tof_summed`` (the adjoint of
+        copying one value into every TOF bin), ``P_tof^T (m ⊗ 1)`` is computed
+        from the non-TOF-shaped ``m`` directly: no TOF-sized array of ones is
+        made and each sample costs its TOF window, not every bin.
+        """
+        mx = self.xp
+        summed = getattr(self.projector, "back_tof_summed", None)
+        if summed is not None and getattr(self.projector, "tof", None) is not None:
+            lor_shape = tuple(self.out_shape[:-1])
+            m = self.multiplicative
+            v = mx.ones(lor_shape, dtype=np.float32) if m is None else to_namespace(m, mx, np.float32)
+            img = summed(v)
+            if self.resolution is not None:
+                img = self.resolution.back(img)
+            out = img.astype(dtype, copy=False)
+        else:
+            out = self.linear.back(mx.ones(self.out_shape, dtype=dtype)).astype(dtype, copy=False)
+        return out if xp is None or xp is mx else to_namespace(out, xp)
 
     def __repr__(self):
         return f"SystemModel({self.linear!r}, additive={'yes' if self.additive is not None else 'no'})"

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from petbind.core.device import array_module, to_numpy
+from petbind.core.device import array_module, get_cupy, resolve_device, to_namespace, to_numpy
 from petbind.quant.models._core import (
     STATUS_MASKED,
     STATUS_NAMES,
@@ -141,7 +141,11 @@ class ParametricMaps:
         return written
 
 
-def _resolve_xp(xp, image_4d):
+def _resolve_xp(xp, image_4d, device=None):
+    if device is not None:
+        if xp is not None:
+            raise ValueError("give xp= or device=, not both")
+        return get_cupy() if resolve_device(device) == "gpu" else np
     if xp is None:
         return array_module(image_4d)
     if isinstance(xp, str):
@@ -149,9 +153,7 @@ def _resolve_xp(xp, image_4d):
             raise ValueError(f"xp: expected None, 'numpy', 'cupy' or the module; got {xp!r}")
         if xp == "numpy":
             return np
-        import cupy  # noqa: PLC0415 - deliberately lazy
-
-        return cupy
+        return get_cupy()
     name = getattr(xp, "__name__", "")
     if name not in ("numpy", "cupy"):
         raise ValueError(f"xp: expected the numpy or cupy module; got {xp!r}")
@@ -172,6 +174,7 @@ def parametric_maps(
     k2prime_per_min=None,
     half_life_min=None,
     xp=None,
+    device=None,
     **options,
 ):
     """Voxelwise parametric maps with the same code as the regional fits.
@@ -197,8 +200,14 @@ def parametric_maps(
         first pass runs on up to ``first_pass_max_voxels`` fitted voxels
         taken at a fixed stride (deterministic), median over BP_ND > 0.
     xp : module or {"numpy", "cupy"}, optional
-        Array namespace; default: that of ``image_4d``.  A NumPy image with
-        ``xp=cupy`` is copied to the GPU once, up front.
+        Array namespace to compute in and return the maps in; default: that
+        of ``image_4d``.  A NumPy image with ``xp=cupy`` is copied to the GPU
+        once, up front.
+    device : {"auto", "cpu", "gpu"}, optional
+        Where to compute instead of ``xp`` (``"auto"``: the GPU when one is
+        usable, see :func:`petbind.core.device.resolve_device`).  The maps
+        and the status then come back in the array type of ``image_4d``
+        (NumPy in, NumPy out), copied once at the end.
     **options
         The model options of :func:`fit_model`, plus ``chunk_size`` (voxels
         per batch, default 16384; bounds memory to about
@@ -227,7 +236,8 @@ def parametric_maps(
 
     _check_model(model)
     _check_options(model, options, _MAP_OPTIONS)
-    xp = _resolve_xp(xp, image_4d)
+    xp = _resolve_xp(xp, image_4d, device)
+    caller = array_module(image_4d) if device is not None else xp
     frames = KineticFrames(frame_start_s, frame_end_s)
     ref = validate_reference(reference_tac, frames)
     if getattr(image_4d, "ndim", None) != 4:
@@ -337,6 +347,9 @@ def parametric_maps(
     for name in flat:
         if name not in maps:
             maps[name] = flat[name].reshape(spatial)
+    if caller is not xp:
+        maps = {name: to_namespace(v, caller) for name, v in maps.items()}
+        status = to_namespace(status, caller)
     return ParametricMaps(
         model=model, maps=maps, status=status.reshape(spatial), status_names=dict(STATUS_NAMES), info=info
     )

@@ -372,22 +372,55 @@ PB_DEVICE void lor_back(const float* s, const float* e, float value, const float
     joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
 }
 
+// A LOR's TOF bins live in a per-thread array while it is walked, so each
+// sample updates registers/local memory (thread-interleaved, coalesced on a
+// GPU) instead of read-modify-writing global memory with a stride of
+// num_tof_bins between neighbouring threads; the bins are written once at
+// the end.  More bins than this fall back to working in global memory.
+#define PB_MAX_LOCAL_TOF_BINS 64
+
 PB_DEVICE void lor_forward_tof(const float* s, const float* e, const float* image, const float* image_origin,
                                const float* voxel_size, const int* image_shape, const TofParams& tof, float* out) {
-    for (int k = 0; k < tof.num_bins; ++k) out[k] = 0.0f;
-    ForwardTofAllOp op = {image, out, tof};
+    float local[PB_MAX_LOCAL_TOF_BINS];
+    float* acc = tof.num_bins <= PB_MAX_LOCAL_TOF_BINS ? local : out;
+    for (int k = 0; k < tof.num_bins; ++k) acc[k] = 0.0f;
+    ForwardTofAllOp op = {image, acc, tof};
     const float step_mm = joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
-    for (int k = 0; k < tof.num_bins; ++k) out[k] *= step_mm;
+    for (int k = 0; k < tof.num_bins; ++k) out[k] = acc[k] * step_mm;
 }
 
 PB_DEVICE void lor_back_tof(const float* s, const float* e, const float* values, const float* image_origin,
                             const float* voxel_size, const int* image_shape, const TofParams& tof, float* image) {
+    float local[PB_MAX_LOCAL_TOF_BINS];
+    const bool fits = tof.num_bins <= PB_MAX_LOCAL_TOF_BINS;
     bool any = false;
-    for (int k = 0; k < tof.num_bins; ++k) any = any || (values[k] != 0.0f);
+    for (int k = 0; k < tof.num_bins; ++k) {
+        const float v = values[k];
+        if (fits) local[k] = v;
+        any = any || (v != 0.0f);
+    }
     if (!any) return;
-    BackTofAllOp op = {image, values, tof};
+    BackTofAllOp op = {image, fits ? local : values, tof};
     joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
 }
+
+// Back-projection of one value per LOR copied into every TOF bin, i.e. the
+// adjoint of summing a TOF projection over its bins.  A sample's TOF weights
+// sum to exactly 1 whenever its truncated kernel overlaps a bin (and to 0
+// otherwise), so no loop over bins is needed: this is how the TOF
+// sensitivity A^T 1 costs about as much as the non-TOF one.
+struct BackTofSummedOp {
+    float* image;
+    float value;
+    TofParams tof;
+    template <bool Checked>
+    PB_METHOD void sample(const Bilinear& n, float step_mm, float x) {
+        int k0, k1;
+        if (!tof_window(x, tof, k0, k1)) return;
+        const float total = tof_cdf(tof_bin_lower_edge(k1 + 1, tof), x, tof) - tof_cdf(tof_bin_lower_edge(k0, tof), x, tof);
+        if (total > 0.0f) n.scatter<Checked>(image, value * step_mm);
+    }
+};
 
 // ---------------------------------------------------------------------------
 // Kernels.  Argument order: geometry, input, grid, [TOF], output, count.
@@ -481,6 +514,18 @@ PB_KERNEL void joseph_back_sino_tof(PB_SINO_ARGS, const float* projection, const
     lor_back_tof(s, e, projection + n * num_tof_bins, image_origin, voxel_size, image_shape, tof, image);
 }
 
+PB_KERNEL void joseph_back_sino_tof_summed(PB_SINO_ARGS, const float* lor_values, const float* image_origin,
+                                           const float* voxel_size, const int* image_shape, PB_TOF_ARGS, float* image,
+                                           long long num_lors) {
+    const long long n = pb_thread_index();
+    if (n >= num_lors) return;
+    const float value = lor_values[n];
+    if (value == 0.0f) return;
+    PB_SINO_ENDPOINTS(n);
+    BackTofSummedOp op = {image, value, PB_TOF_PARAMS};
+    joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
+}
+
 // Listmode: one value per event; with TOF the event's own bin only.
 PB_KERNEL void joseph_forward_listmode(const float* detector_xyz, const int* detector_ids, const float* image,
                                        const float* image_origin, const float* voxel_size, const int* image_shape,
@@ -527,49 +572,6 @@ PB_KERNEL void joseph_back_listmode_tof(const float* detector_xyz, const int* de
     joseph_walk(s, e, image_origin, voxel_size, image_shape, op);
 }
 
-// ---------------------------------------------------------------------------
-// Host entry points (ctypes): each runs the kernel above over all LORs.
-// ---------------------------------------------------------------------------
-#if !defined(__CUDACC__)
-#define PB_HOST_ACC(kernel, PARAMS, ARGS, COUNT, OUT, GRID_SHAPE)                                              \
-    extern "C" void host_##kernel PARAMS {                                                                    \
-        pb_launch_accumulate(kernel, COUNT, OUT, (long long)GRID_SHAPE[0] * GRID_SHAPE[1] * GRID_SHAPE[2], \
-                             PB_UNPAREN ARGS);                                                                  \
-    }
-#define PB_HOST(kernel, PARAMS, ARGS, COUNT) \
-    extern "C" void host_##kernel PARAMS { pb_launch(kernel, COUNT, PB_UNPAREN ARGS); }
-#define PB_UNPAREN(...) __VA_ARGS__
-#define PB_GRID const float *o, const float *v, const int *sh
-#define PB_TOFP int nt, float tw, float ts, float tn
-
-PB_HOST(joseph_forward_lor, (const float* a, const float* b, const float* x, PB_GRID, float* y, long long n),
-        (a, b, x, o, v, sh, y, n), n)
-PB_HOST_ACC(joseph_back_lor, (const float* a, const float* b, const float* y, PB_GRID, float* x, long long n),
-        (a, b, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_lor_tof,
-        (const float* a, const float* b, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (a, b, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_lor_tof, (const float* a, const float* b, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (a, b, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-
-#define PB_SINOP const float *cxy, const float *pz, const int *vw, int ncr, int nsv, int nr
-#define PB_SINOA cxy, pz, vw, ncr, nsv, nr
-PB_HOST(joseph_forward_sino, (PB_SINOP, const float* x, PB_GRID, float* y, long long n), (PB_SINOA, x, o, v, sh, y, n),
-        n)
-PB_HOST_ACC(joseph_back_sino, (PB_SINOP, const float* y, PB_GRID, float* x, long long n), (PB_SINOA, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_sino_tof, (PB_SINOP, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (PB_SINOA, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_sino_tof, (PB_SINOP, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (PB_SINOA, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-
-PB_HOST(joseph_forward_listmode, (const float* dx, const int* di, const float* x, PB_GRID, float* y, long long n),
-        (dx, di, x, o, v, sh, y, n), n)
-PB_HOST_ACC(joseph_back_listmode, (const float* dx, const int* di, const float* y, PB_GRID, float* x, long long n),
-        (dx, di, y, o, v, sh, x, n), n, x, sh)
-PB_HOST(joseph_forward_listmode_tof,
-        (const float* dx, const int* di, const int* tb, const float* x, PB_GRID, PB_TOFP, float* y, long long n),
-        (dx, di, tb, x, o, v, sh, nt, tw, ts, tn, y, n), n)
-PB_HOST_ACC(joseph_back_listmode_tof,
-        (const float* dx, const int* di, const int* tb, const float* y, PB_GRID, PB_TOFP, float* x, long long n),
-        (dx, di, tb, y, o, v, sh, nt, tw, ts, tn, x, n), n, x, sh)
-#endif
+// Host entry points (ctypes, CPU build only) are generated from the kernel
+// declarations above by recon/kernels/__init__.py: the argument lists are
+// written once, here.
