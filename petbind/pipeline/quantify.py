@@ -130,7 +130,6 @@ def write_maps(pet, atlas, targets, prefix, options, provenance, progress=False)
     from petbind.quant.results import write_parametric_maps
     from petbind.quant.tacs import tacs_from_image
 
-    xp = "cupy" if options.device == "gpu" else None
     data = pet.data
     ref = tacs_from_image(pet, atlas, [options.reference]).column(options.reference)
     side = {"Sources": [str(pet.path), str(atlas.path)], "Model": options.model,
@@ -146,6 +145,6 @@ def write_maps(pet, atlas, targets, prefix, options, provenance, progress=False)
         side["PartialVolumeCorrection"] = _pvc_record("rbv", psf)
     hl = _half_life_min(pet.sidecar, pet.path)
     pm = parametric_maps(options.model, pet.frame_start_s, pet.frame_end_s, ref, data, mask=atlas.mask(targets),
-                         weights=options.weights, half_life_min=hl, xp=xp, progress=progress)
+                         weights=options.weights, half_life_min=hl, device=options.device, progress=progress)
     written = write_parametric_maps(prefix, pm, pet.affine, side)
     return [p for p in written if str(p).endswith("_bpnd.nii.gz")][0]

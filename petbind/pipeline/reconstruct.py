@@ -245,7 +245,7 @@ class _ListmodeFrames:
 
         h = histogram_listmode(self.reader, self.layout, frames=frames.frame(k),
                                tof=self.tof if self.tof is not None else False,
-                               device="gpu" if self.device == "gpu" else "cpu", progress=False)
+                               device=self.device, progress=False)
         delayeds = h.delayeds[0].sum(axis=-1) if self.tof is not None else h.delayeds[0]
         return h.prompts[0], delayeds, int(h.num_prompts[0]), int(h.num_delayeds[0]), \
             [int(v) for v in h.num_outside_layout[0]]
