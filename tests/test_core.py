@@ -127,3 +127,13 @@ def test_special_destinations_are_never_replaced(tmp_path):
     assert real.read_text() == "keep\n" and link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_scan_length_must_suit_the_half_life():
+    from petbind.core.frames import check_scan_length
+
+    check_scan_length(90 * 60.0, 1221.84, "x.json")  # a 90-minute [11C] scan
+    with pytest.raises(ValueError, match=r"x.json: the frames end at 90 s.*minutes"):
+        check_scan_length(90.0, 1221.84, "x.json", "C11")  # the same scan with times in minutes
+    with pytest.raises(ValueError, match="no counts are left"):
+        check_scan_length(90 * 3600.0, 1221.84, "x.json")

@@ -19,11 +19,18 @@ import numpy as np
 from petbind.core.decay import decay_correction_factor
 from petbind.core.device import array_module
 
-__all__ = ["Frames", "parse_frames", "validate_frame_times", "exact_seconds", "FRAME_TOLERANCE"]
+__all__ = ["Frames", "parse_frames", "validate_frame_times", "exact_seconds", "check_scan_length", "FRAME_TOLERANCE",
+           "MIN_SCAN_HALF_LIVES", "MAX_SCAN_HALF_LIVES"]
 
 #: Relative tolerance (of a frame's duration, at least 1 s) for gaps/overlaps
 #: that stem from rounding frame times stored as text.
 FRAME_TOLERANCE = 1e-6
+
+#: A dynamic scan shorter than this many half-lives cannot be a receptor
+#: study; it is what frame times in minutes look like when read as seconds.
+MIN_SCAN_HALF_LIVES = 0.25
+#: ... and one longer than this many half-lives has no counts left to image.
+MAX_SCAN_HALF_LIVES = 20.0
 
 _UNIT_S = {"s": Fraction(1), "m": Fraction(60), "min": Fraction(60), "h": Fraction(3600)}
 
@@ -307,3 +314,41 @@ def validate_frame_times(frame_start_s, frame_end_s, source="frames"):
     return start, end
 
 
+def check_scan_length(scan_end_s, half_life_s, source, radionuclide="the radionuclide"):
+    """Refuse a scan length that is impossible for the tracer's half-life.
+
+    Frame times given in minutes but read as seconds make a 60-minute scan a
+    60-second one; fitted, it gives numbers that look plausible.  A dynamic
+    receptor scan lasts between :data:`MIN_SCAN_HALF_LIVES` and
+    :data:`MAX_SCAN_HALF_LIVES` half-lives.
+
+    Parameters
+    ----------
+    scan_end_s : float
+        End of the last frame (s after injection).
+    half_life_s : float
+        The radionuclide's half-life (s).
+    source : str
+        File and field for the message.
+    radionuclide : str
+        Its name, for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming ``source``, the scan length and the likely cause.
+    """
+    length = float(scan_end_s)
+    half_life = float(half_life_s)
+    n = length / half_life
+    if n < MIN_SCAN_HALF_LIVES:
+        raise ValueError(
+            f"{source}: the frames end at {length:g} s, {n:.3g} half-lives of {radionuclide} "
+            f"({half_life:g} s); a dynamic scan lasts at least {MIN_SCAN_HALF_LIVES:g} half-lives. "
+            "Frame times must be in seconds (were they given in minutes?)"
+        )
+    if n > MAX_SCAN_HALF_LIVES:
+        raise ValueError(
+            f"{source}: the frames end at {length:g} s, {n:.3g} half-lives of {radionuclide}; "
+            "no counts are left that late. Frame times must be in seconds"
+        )

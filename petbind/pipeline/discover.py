@@ -24,11 +24,11 @@ import numpy as np
 
 from petbind.core.decay import half_life_s
 from petbind.core.files import read_json, read_table_tsv
-from petbind.core.frames import Frames
+from petbind.core.frames import Frames, check_scan_length
 from petbind.pipeline.options import StudyInputError
 
 __all__ = ["Session", "StudyPlan", "find_sessions", "read_participants", "read_session_frames", "load_atlas",
-           "check_scan_length", "validate_study", "load_probseg", "RAW_SUFFIXES"]
+           "validate_study", "load_probseg", "RAW_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ RAW_SUFFIXES = {"_pet-listmode.h5": "listmode", "_pet-sinograms.h5": "sinograms"
 
 _ENTITY = re.compile(r"_(acq|rec|run)-([A-Za-z0-9]+)")
 
-#: A dynamic scan shorter than this many half-lives cannot be a receptor
-#: study; it is what frame times in minutes look like when read as seconds.
-MIN_SCAN_HALF_LIVES = 0.25
-#: ... and one longer than this many half-lives has no counts left to image.
-MAX_SCAN_HALF_LIVES = 20.0
 
 
 @dataclass(frozen=True)
@@ -220,33 +215,6 @@ def read_participants(path, declared_groups, subjects, group_column="group"):
     return {s: groups[s] for s in subjects}
 
 
-def check_scan_length(frames, half_life, source, radionuclide="the radionuclide"):
-    """Refuse a scan length that is impossible for the tracer's half-life.
-
-    Frame times given in minutes but read as seconds make a 60-minute scan a
-    60-second one; fitted, it gives numbers that look plausible.  A dynamic
-    receptor scan lasts between :data:`MIN_SCAN_HALF_LIVES` and
-    :data:`MAX_SCAN_HALF_LIVES` half-lives.
-
-    Raises
-    ------
-    StudyInputError
-    """
-    length = float(frames.end_s[-1])
-    n = length / float(half_life)
-    if n < MIN_SCAN_HALF_LIVES:
-        raise StudyInputError(
-            f"{source}: the frames end at {length:g} s, {n:.3g} half-lives of {radionuclide} "
-            f"({half_life:g} s); a dynamic scan lasts at least {MIN_SCAN_HALF_LIVES:g} half-lives. "
-            "Frame times must be in seconds (were they given in minutes?)"
-        )
-    if n > MAX_SCAN_HALF_LIVES:
-        raise StudyInputError(
-            f"{source}: the frames end at {length:g} s, {n:.3g} half-lives of {radionuclide}; "
-            "no counts are left that late. Frame times must be in seconds"
-        )
-
-
 def read_session_frames(session, frames_definition=None):
     """Frames of a session: ``--frames`` if given, else the sidecar's FrameTimesStart/FrameDuration.
 
@@ -363,7 +331,11 @@ def _check_raw(session, frames):
             hl = half_life_s(exam.isotope, f"{session.raw}: field 'exam/isotope'")
         except ValueError as exc:
             raise StudyInputError(f"{exc}; and field 'exam/half_life_s' is missing") from None
-    check_scan_length(frames, hl, f"{session.sidecar} (FrameTimesStart/FrameDuration)", getattr(exam, "isotope", ""))
+    try:
+        check_scan_length(frames.end_s[-1], hl, f"{session.sidecar} (FrameTimesStart/FrameDuration)",
+                          getattr(exam, "isotope", ""))
+    except ValueError as exc:
+        raise StudyInputError(str(exc)) from None
     if session.kind == "listmode":
         if raw.num_events == 0:
             raise StudyInputError(f"{session.raw}: field 'listmode': the file holds no events")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from petbind.core.decay import C11_HALF_LIFE_S, half_life_s
+from petbind.core.frames import check_scan_length
 from petbind.quant.models import MODELS, REGISTRY
 from petbind.quant.results import FIT_COLUMNS
 
@@ -202,6 +203,7 @@ def cmd_fit(args) -> list[Path]:
         table = read_tacs_tsv(args.tacs)
         ref, names, tac = split_reference(table, args.reference, args.regions)
         half_life = _resolve_half_life(args.half_life_min, _read_optional_sidecar(Path(args.tacs)), args.tacs)
+        check_scan_length(table.frame_end_s[-1], half_life * 60.0, f"{args.tacs}: column 'frame_end'")
         from petbind.quant.models import fit_model
 
         res = fit_model(args.model, table.frame_start_s, table.frame_end_s, ref, tac, weights=args.weights,
@@ -257,6 +259,8 @@ def cmd_map(args) -> list[Path]:
             if not mask.any():
                 raise InputError(f"{args.atlas}: mask from atlas is empty")
         half_life = _resolve_half_life(args.half_life_min, pet.sidecar, args.json or args.image)
+        check_scan_length(pet.frame_end_s[-1], half_life * 60.0,
+                          f"{args.json or args.image}: field 'FrameTimesStart'/'FrameDuration'")
         xp = None
         if args.device == "gpu":
             import importlib.util

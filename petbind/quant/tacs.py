@@ -160,6 +160,9 @@ def split_reference(table: TACTable, reference: str, targets: Sequence[str] | No
         targets = [n for n in table.region_names if n != reference]
     else:
         targets = list(targets)
+        if reference in targets:
+            raise ValueError(f"{table.source}: the reference region '{reference}' is also a target; it would be "
+                             "fitted against itself")
         for t in targets:
             table.column(t)  # raises with the list of names
     if not targets:

@@ -307,3 +307,37 @@ def test_no_fault_control(study, capsys):
                            + [f"m_{s}.{e}" for s in ("bpnd", "r1", "k2", "k2prime", "residual", "k2a_per_min",
                                                       "status") for e in ("nii.gz", "json")])
     assert json.loads((study["out"] / "m_bpnd.json").read_text())["Model"] == "bfsrtm"
+
+
+# ----------------------------------------------------------------------------- silent wrong results
+def test_tac_table_in_minutes_is_refused(study, capsys):
+    """Frame times in minutes read as seconds make a 36-min scan a 36-s one: refused, not fitted."""
+    tacs = make_tacs(study, capsys)
+    lines = tacs.read_text().splitlines()
+    out_lines = [lines[0]]
+    for ln in lines[1:]:
+        cells = ln.split("\t")
+        cells[0], cells[1] = repr(float(cells[0]) / 60), repr(float(cells[1]) / 60)
+        out_lines.append("\t".join(cells))
+    tacs.write_text("\n".join(out_lines) + "\n")
+    before = snapshot(study["out"])
+    rc, err = run(fit_args(tacs, study["out"] / "fit.tsv"), capsys)
+    assert_refused(rc, err, [tacs.name, "minutes"], before, snapshot(study["out"]))
+
+
+def test_sidecar_in_minutes_is_refused(study, capsys):
+    side = study["pet"].with_name(study["pet"].name.replace(".nii.gz", ".json"))
+    d = json.loads(side.read_text())
+    d["FrameTimesStart"] = [v / 60 for v in d["FrameTimesStart"]]
+    d["FrameDuration"] = [v / 60 for v in d["FrameDuration"]]
+    side.write_text(json.dumps(d))
+    before = snapshot(study["out"])
+    rc, err = run(map_args(study, study["out"] / "m"), capsys)
+    assert_refused(rc, err, ["minutes"], before, snapshot(study["out"]))
+
+
+def test_reference_among_the_targets_is_refused(study, capsys):
+    tacs = make_tacs(study, capsys)
+    before = snapshot(study["out"])
+    rc, err = run(fit_args(tacs, study["out"] / "fit.tsv") + ["--regions", "putamen", "cerebellum"], capsys)
+    assert_refused(rc, err, ["cerebellum", "fitted against itself"], before, snapshot(study["out"]))
