@@ -277,7 +277,7 @@ def test_cli_writes_a_study(tmp_path):
     rows = read_tsv(out / "ground_truth.tsv")
     hip = {r["session"]: float(r["bp_nd"]) for r in rows if r["region"] == "hippocampus"}
     assert rows[0]["group"] == "drug"
-    # test-retest variation is log-normal 4 %: the +50 % is far outside it
+    # test-retest variation is log-normal 4.5 %: the +50 % is far outside it
     assert 1.3 < hip["ses-postdose"] / hip["ses-baseline"] < 1.7
     r = SinogramReader(session_file(out, "sub-01", "baseline", "pet-sinograms.h5"))
     assert r.num_frames == 2 and r.scanner.name == "demo-small" and r.scanner.resolution_fwhm_mm == 6.5

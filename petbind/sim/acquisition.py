@@ -319,7 +319,12 @@ class AcquisitionSimulator:
         self.decay_constant_per_s = math.log(2.0) / self.half_life_s
         self.scan_start_s = float(scan_start_s)
         per_plane = layout.num_views * layout.num_radial * self.num_tof_bins
-        cp = max(1, _BLOCK_BINS // per_plane) if chunk_planes is None else int(chunk_planes)
+        if chunk_planes is None:
+            # about _BLOCK_BINS bins per block, blocks of equal size
+            nblocks = math.ceil(layout.num_planes / max(1, _BLOCK_BINS // per_plane))
+            cp = math.ceil(layout.num_planes / nblocks)
+        else:
+            cp = int(chunk_planes)
         if cp < 1:
             raise ValueError(f"chunk_planes must be >= 1; got {chunk_planes}")
         self.chunk_planes = cp
@@ -575,7 +580,7 @@ class AcquisitionSimulator:
         -------
         dict of str to ndarray, each ``(F,) + layout.shape`` (+ TOF axis)
             ``trues``, ``scatter``, ``randoms`` (expected, float64),
-            ``prompts`` and ``delayeds`` (counts, int64).
+            ``prompts`` and ``delayeds`` (counts, int32).
         """
         acq = self.acquire(activity, frame_start_s, frame_end_s, seed=seed)
         return {**acq.expected(), **acq.sinograms()}
@@ -683,7 +688,7 @@ class Acquisition:
         planes : ndarray of int
             Contiguous plane indices of the block.
         prompts, delayeds : ndarray, shape (F, len(planes), views, radial[, tof])
-            Counts (int64), or the expected counts (float32) when ``noise`` is False.
+            Counts (int32), or the expected counts (float32) when ``noise`` is False.
 
         Notes
         -----
@@ -704,8 +709,8 @@ class Acquisition:
                 if not self.noise:
                     prompts, delayeds = (ts + r).reshape(blk), r.reshape(blk)
                 else:
-                    prompts = np.empty(ts.shape, np.int64)
-                    delayeds = np.empty(ts.shape, np.int64)
+                    prompts = np.empty(ts.shape, np.int32)  # 2^31 counts in a bin is far beyond any scanner
+                    delayeds = np.empty(ts.shape, np.int32)
 
                     def draw(k, ci=ci, ts=ts, r=r, prompts=prompts, delayeds=delayeds):
                         # NumPy's samplers release the GIL: frames are drawn in parallel threads.
@@ -723,7 +728,7 @@ class Acquisition:
     def sinograms(self):
         """All frames' ``prompts`` and ``delayeds`` in memory (small problems)."""
         shape = (self.num_frames,) + self._shape(np.arange(self.sim.layout.num_planes))
-        dtype = np.int64 if self.noise else np.float32
+        dtype = np.int32 if self.noise else np.float32
         out = {"prompts": np.zeros(shape, dtype), "delayeds": np.zeros(shape, dtype)}
         for planes, p, d in self.blocks():
             out["prompts"][:, planes] = p
