@@ -70,6 +70,7 @@ def demo_config(num_subjects=6, device="auto", quiet=False, seed=7):
         quiet=quiet,
         device=device,
         seed=seed,
+        write_listmode=True,  # the pipeline reads listmode until it reads the sinogram files
     )
 
 

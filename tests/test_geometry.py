@@ -130,3 +130,19 @@ def test_tof_parameters_units():
     assert t2.bin_width_mm == pytest.approx(20.0)
     with pytest.raises(ValueError):
         TOFParameters(0, 1.0, 100.0)
+
+
+def test_presets_know_their_resolution():
+    from petbind.recon.geometry import SCANNER_PRESETS
+
+    # published (mMR: Delso 2011; HRRT: de Jong 2007) and stated (demo scanners) FWHM, mm
+    expected = {"mmr": 4.3, "hrrt": 2.5, "demo": 3.5, "demo-small": 6.5}
+    assert set(SCANNER_PRESETS) == set(expected)
+    for name, fwhm in expected.items():
+        s = Scanner.preset(name)
+        assert s.name == name and s.resolution_fwhm_mm == fwhm
+    assert Scanner.cylindrical(100.0, 16, 2, 4.0).resolution_fwhm_mm is None
+    with pytest.raises(ValueError, match="unknown scanner 'pet3000'; choose one of demo-small, demo"):
+        Scanner.preset("pet3000")
+    with pytest.raises(ValueError, match="resolution_fwhm_mm"):
+        Scanner.cylindrical(100.0, 16, 2, 4.0, resolution_fwhm_mm=-1.0)

@@ -9,7 +9,7 @@ import pytest
 from petbind.recon.geometry import Scanner, SinogramLayout, TOFParameters
 from petbind.recon.rawdata.schema import FORMAT_VERSION, ExamInfo, ListmodeCorrections
 from petbind.recon.rawdata.hdf5 import ListmodeReader, ListmodeWriter
-from petbind.recon.rawdata.sinograms import read_sinograms_h5, write_sinograms_h5
+from petbind.recon.rawdata.sinograms import SinogramReader, SinogramWriter, read_sinograms_h5, write_sinograms_h5
 
 
 def small_scanner():
@@ -202,35 +202,96 @@ def test_truncated_and_foreign_files(tmp_path):
 def test_sinogram_round_trip(tmp_path):
     rng = np.random.default_rng(5)
     sc = small_scanner()
+    sc.resolution_fwhm_mm = 4.5
     layout = SinogramLayout(sc, 11, 2, 1)
     tof = TOFParameters(5, 20.0, 350.0)
+    fs, fe = np.array([0.0, 10.0, 30.0]), np.array([10.0, 30.0, 60.0])
     kw = dict(
-        prompts=rng.poisson(3, layout.shape + (5,)).astype(np.float32),
-        delayeds=rng.poisson(1, layout.shape + (5,)).astype(np.float32),
+        prompts=rng.poisson(3, (3,) + layout.shape + (5,)).astype(np.uint16),
+        delayeds=rng.poisson(1, (3,) + layout.shape + (5,)).astype(np.float32),
         normalisation=rng.uniform(0.5, 2, layout.shape).astype(np.float32),
         attenuation=rng.uniform(0.1, 1, layout.shape).astype(np.float32),
-        scatter=rng.uniform(0, 1, layout.shape + (5,)),
+        scatter=rng.uniform(0, 1, (3,) + layout.shape + (5,)),
     )
+    corr = corrections(sc, rng)
     path = tmp_path / "sino.h5"
-    write_sinograms_h5(path, layout, tof=tof, exam=exam(), frame_start_s=10.0, frame_duration_s=20.0, **kw)
+    write_sinograms_h5(path, layout, fs, fe, tof=tof, exam=exam(), corrections=corr, **kw)
     s = read_sinograms_h5(path)
     assert s.layout.shape == layout.shape and s.layout.span == 1 and s.layout.max_ring_difference == 2
-    assert s.layout.scanner == sc and s.tof == tof and s.exam == exam()
-    assert (s.frame_start_s, s.frame_duration_s) == (10.0, 20.0)
+    assert s.layout.scanner == sc and s.layout.scanner.resolution_fwhm_mm == 4.5
+    assert s.tof == tof and s.exam == exam() and s.corrections.equals(corr)
+    np.testing.assert_array_equal(s.frame_start_s, fs)
+    np.testing.assert_array_equal(s.frame_duration_s, fe - fs)
+    assert s.frames().end_s.tolist() == fe.tolist()
     for name, arr in kw.items():
         np.testing.assert_array_equal(getattr(s, name), arr)
         assert getattr(s, name).dtype == arr.dtype
-    with pytest.raises(ValueError, match="prompts"):
-        write_sinograms_h5(tmp_path / "x.h5", layout, tof=tof, prompts=np.zeros(layout.shape))  # TOF axis missing
-    # non-TOF file with a TOF-shaped array is refused with the field name
-    with pytest.raises(ValueError, match="prompts"):
-        write_sinograms_h5(tmp_path / "x.h5", layout, prompts=np.zeros(layout.shape + (5,)))
+    r = SinogramReader(path)
+    np.testing.assert_array_equal(r.prompts(1), kw["prompts"][1])
+    np.testing.assert_array_equal(r.delayeds(-1), kw["delayeds"][2])
+    with pytest.raises(ValueError, match="prompts"):  # TOF axis missing
+        write_sinograms_h5(tmp_path / "x.h5", layout, fs, fe, tof=tof, prompts=np.zeros((3,) + layout.shape))
+    with pytest.raises(ValueError, match="prompts"):  # frame axis missing
+        write_sinograms_h5(tmp_path / "x.h5", layout, fs, fe, prompts=np.zeros(layout.shape))
+    with pytest.raises(ValueError, match="overlap"):
+        write_sinograms_h5(tmp_path / "x.h5", layout, [0.0, 5.0], [10.0, 20.0], prompts=np.zeros((2,) + layout.shape))
     assert not (tmp_path / "x.h5").exists()
     with h5py.File(path, "r+") as f:
         del f["sinograms/normalisation"]
         f["sinograms"].create_dataset("normalisation", data=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="sino.h5.*sinograms/normalisation"):
         read_sinograms_h5(path)
+
+
+def test_sinogram_writer_blocks_and_validation(tmp_path):
+    sc = small_scanner()
+    layout = SinogramLayout(sc, 11)
+    path = tmp_path / "s.h5"
+    full = np.arange(2 * layout.num_bins, dtype=np.int64).reshape((2,) + layout.shape) % 7
+    with SinogramWriter(path, layout, [0.0, 60.0], [60.0, 120.0], sinograms={"prompts": np.uint16},
+                        chunk_planes=5) as w:
+        for p0 in range(0, layout.num_planes, 5):
+            sl = slice(p0, min(p0 + 5, layout.num_planes))
+            w.write("prompts", full[:, sl], planes=sl)
+        with pytest.raises(ValueError, match="do not fit"):
+            w.write("prompts", full[:, :5] - 1, planes=slice(0, 5))
+    np.testing.assert_array_equal(read_sinograms_h5(path).prompts, full)
+    # a block never written: nothing is left behind
+    with pytest.raises(ValueError, match="incomplete: frame 1"):
+        with SinogramWriter(tmp_path / "t.h5", layout, [0.0, 60.0], [60.0, 120.0], sinograms={"prompts": np.uint16}) as w:
+            w.write("prompts", full[:1], frames=0)
+    assert not (tmp_path / "t.h5").exists() and not list(tmp_path.glob(".*tmp*"))
+    # values are checked when a frame is read
+    with h5py.File(path, "r+") as f:
+        del f["sinograms/prompts"]
+        f["sinograms"].create_dataset("prompts", data=-full.astype(np.float32))
+    with pytest.raises(ValueError, match="s.h5: field 'sinograms/prompts' holds negative"):
+        SinogramReader(path).prompts(1)
+    with h5py.File(path, "r+") as f:
+        del f["frames/frame_end_s"]
+    with pytest.raises(ValueError, match="s.h5: field 'frames/frame_end_s' is missing"):
+        SinogramReader(path)
+
+
+def test_sinogram_format_1_0_is_read_as_one_frame(tmp_path):
+    # A file as petbind 1.0 wrote it: no frame axis, timing in /frame.
+    from petbind.recon.rawdata.schema import write_scanner
+
+    sc = small_scanner()
+    layout = SinogramLayout(sc, 11)
+    prompts = np.ones(layout.shape, np.float32)
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = "1.0"
+        f.attrs["petbind_kind"] = "sinograms"
+        write_scanner(f.create_group("scanner"), sc)
+        g = f.create_group("layout")
+        for k, v in (("num_radial", 11), ("max_ring_difference", layout.max_ring_difference), ("span", 1)):
+            g.attrs[k] = v
+        f.create_group("frame").attrs.update({"start_s": 10.0, "duration_s": 20.0})
+        f.create_group("sinograms").create_dataset("prompts", data=prompts)
+    s = read_sinograms_h5(path)
+    assert s.prompts.shape == (1,) + layout.shape and s.frame_end_s.tolist() == [30.0]
 
 
 def test_exam_defaults_round_trip_and_validation(tmp_path):

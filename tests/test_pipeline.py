@@ -45,6 +45,7 @@ def _config(num_subjects=1, **kw):
         quiet=True,
         device="cpu",
         seed=3,
+        write_listmode=True,  # this pipeline reads listmode
         **kw,
     )
 

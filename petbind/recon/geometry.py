@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "DetectorArray",
     "ImageGrid",
+    "SCANNER_PRESETS",
     "Scanner",
     "SinogramLayout",
     "TOFParameters",
@@ -155,14 +156,19 @@ class Scanner:
         ``False`` marks gap positions (virtual crystals that never detect).
     name : str
         Free-text name.
+    resolution_fwhm_mm : float, optional
+        Spatial resolution of the scanner as an isotropic Gaussian (FWHM, mm,
+        transaxial at the centre of the field): what an image-space
+        resolution model ``G`` should use.  ``None`` when unknown.
 
     Notes
     -----
     Use the constructors :meth:`cylindrical`, :meth:`polygon` or the presets
-    :meth:`mmr` and :meth:`demo`.
+    (:meth:`preset`: :meth:`demo`, :meth:`demo_small`, :meth:`mmr`,
+    :meth:`hrrt`); the presets know their resolution.
     """
 
-    def __init__(self, crystal_xy_mm, ring_z_mm, crystal_mask=None, name="scanner"):
+    def __init__(self, crystal_xy_mm, ring_z_mm, crystal_mask=None, name="scanner", resolution_fwhm_mm=None):
         xy = np.ascontiguousarray(crystal_xy_mm, dtype=np.float64)
         if xy.ndim != 2 or xy.shape[1] != 2:
             raise ValueError(f"crystal_xy_mm must have shape (crystals_per_ring, 2); got {xy.shape}")
@@ -176,14 +182,20 @@ class Scanner:
         crystal_mask = np.asarray(crystal_mask, dtype=bool).reshape(-1)
         if crystal_mask.shape[0] != xy.shape[0]:
             raise ValueError("crystal_mask must have one entry per crystal of a ring")
+        if resolution_fwhm_mm is not None:
+            resolution_fwhm_mm = float(resolution_fwhm_mm)
+            if not (math.isfinite(resolution_fwhm_mm) and resolution_fwhm_mm > 0):
+                raise ValueError(f"resolution_fwhm_mm must be a positive number (mm) or None; got {resolution_fwhm_mm}")
         self.crystal_xy_mm = xy
         self.ring_z_mm = z
         self.crystal_mask = crystal_mask
         self.name = str(name)
+        self.resolution_fwhm_mm = resolution_fwhm_mm
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
-    def cylindrical(cls, radius_mm, crystals_per_ring, num_rings, ring_spacing_mm, name="cylindrical"):
+    def cylindrical(cls, radius_mm, crystals_per_ring, num_rings, ring_spacing_mm, name="cylindrical",
+                    resolution_fwhm_mm=None):
         """Crystals evenly spaced on a circle.
 
         Parameters
@@ -196,10 +208,13 @@ class Scanner:
             Number of rings.
         ring_spacing_mm : float
             Axial distance between ring centres (mm).
+        name : str
+        resolution_fwhm_mm : float, optional
+            See the class parameters.
         """
         phi = 2 * np.pi * np.arange(int(crystals_per_ring)) / int(crystals_per_ring)
         xy = float(radius_mm) * np.stack([np.cos(phi), np.sin(phi)], axis=1)
-        return cls(xy, ring_positions(num_rings, ring_spacing_mm), name=name)
+        return cls(xy, ring_positions(num_rings, ring_spacing_mm), name=name, resolution_fwhm_mm=resolution_fwhm_mm)
 
     @classmethod
     def polygon(
@@ -212,6 +227,7 @@ class Scanner:
         ring_spacing_mm,
         gap_crystals_per_module=0,
         name="polygon",
+        resolution_fwhm_mm=None,
     ):
         """Flat detector modules on a regular polygon (block scanners, HRRT octagon).
 
@@ -231,6 +247,9 @@ class Scanner:
             Virtual crystal positions appended after each module's real ones to
             model inter-block gaps (Siemens convention: one per block).  They get
             ``crystal_mask == False``.
+        name : str
+        resolution_fwhm_mm : float, optional
+            See the class parameters.
         """
         n_pos = int(crystals_per_module) + int(gap_crystals_per_module)
         offsets = (np.arange(n_pos) - (n_pos - 1) / 2.0) * float(crystal_pitch_mm)
@@ -241,7 +260,8 @@ class Scanner:
             tangent = np.array([-np.sin(phi), np.cos(phi)])
             xy.append(centre[None, :] + offsets[:, None] * tangent[None, :])
             mask.append(np.arange(n_pos) < int(crystals_per_module))
-        return cls(np.concatenate(xy), ring_positions(num_rings, ring_spacing_mm), np.concatenate(mask), name=name)
+        return cls(np.concatenate(xy), ring_positions(num_rings, ring_spacing_mm), np.concatenate(mask), name=name,
+                   resolution_fwhm_mm=resolution_fwhm_mm)
 
     @classmethod
     def mmr(cls):
@@ -249,9 +269,12 @@ class Scanner:
 
         56 blocks of 8 crystals plus one gap position each (504 positions per
         ring), 64 rings 4.0625 mm apart, block faces at 328 mm from the axis.
+        Resolution 4.3 mm FWHM (transaxial, 1 cm from the centre; Delso et
+        al., J Nucl Med 2011;52:1914-1922).
         """
         pitch = 2 * 328.0 * math.tan(math.pi / 56) / 9
-        return cls.polygon(56, 8, pitch, 328.0, 64, 4.0625, gap_crystals_per_module=1, name="mmr")
+        return cls.polygon(56, 8, pitch, 328.0, 64, 4.0625, gap_crystals_per_module=1, name="mmr",
+                           resolution_fwhm_mm=4.3)
 
     @classmethod
     def hrrt(cls):
@@ -260,18 +283,49 @@ class Scanner:
         Each head has 9 × 13 blocks of 8 × 8 crystals (2.4375 mm pitch), so
         72 crystals per head transaxially (576 per ring) and 104 rings; head
         faces at 234.5 mm from the axis.  The HRRT's two-layer depth of
-        interaction is not modelled.
+        interaction is not modelled.  Resolution 2.5 mm FWHM near the centre
+        (de Jong et al., Phys Med Biol 2007;52:1505-1526).
         """
-        return cls.polygon(8, 72, 2.4375, 234.5, 104, 2.4375, name="hrrt")
+        return cls.polygon(8, 72, 2.4375, 234.5, 104, 2.4375, name="hrrt", resolution_fwhm_mm=2.5)
 
     @classmethod
     def demo(cls):
         """Small brain scanner used by the demo and tests (fast on a CPU).
 
         Radius 160 mm, 192 crystals per ring, 24 rings 5 mm apart (120 mm axial
-        field of view).
+        field of view).  Resolution 3.5 mm FWHM: the usual estimate
+        ``1.25 sqrt((d/2)² + (0.0022 D)² + r²)`` (Moses, Nucl Instrum Methods
+        A 2011;648:S236-S240) with crystal pitch ``d = 5.2`` mm, ring
+        diameter ``D = 320`` mm and a ¹¹C positron range ``r = 0.5`` mm.
         """
-        return cls.cylindrical(160.0, 192, 24, 5.0, name="demo")
+        return cls.cylindrical(160.0, 192, 24, 5.0, name="demo", resolution_fwhm_mm=3.5)
+
+    @classmethod
+    def demo_small(cls):
+        """Smaller, coarser brain scanner: the default of the study simulator.
+
+        Radius 160 mm, 96 crystals per ring, 14 rings 10 mm apart (140 mm
+        axial field of view): about 0.3 million sinogram bins with
+        ``max_ring_difference=6``, so a whole simulated study reconstructs in
+        minutes on two CPU cores.  Resolution 6.5 mm FWHM from the estimate
+        of :meth:`demo` with a 10.5 mm crystal pitch.
+        """
+        return cls.cylindrical(160.0, 96, 14, 10.0, name="demo-small", resolution_fwhm_mm=6.5)
+
+    @classmethod
+    def preset(cls, name):
+        """A preset scanner by name: one of :data:`SCANNER_PRESETS`.
+
+        Raises
+        ------
+        ValueError
+            For an unknown name (listing the known ones).
+        """
+        try:
+            factory = getattr(cls, SCANNER_PRESETS[name])
+        except KeyError:
+            raise ValueError(f"unknown scanner {name!r}; choose one of {', '.join(SCANNER_PRESETS)}") from None
+        return factory()
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -313,10 +367,11 @@ class Scanner:
 
     def __repr__(self):
         gaps = int((~self.crystal_mask).sum())
+        res = "" if self.resolution_fwhm_mm is None else f", resolution_fwhm_mm={self.resolution_fwhm_mm:g}"
         return (
             f"Scanner(name={self.name!r}, crystals_per_ring={self.crystals_per_ring}"
             f"{f' ({gaps} gaps)' if gaps else ''}, num_rings={self.num_rings}, "
-            f"radius_mm={self.radius_mm:.1f}, axial_fov_mm={np.ptp(self.ring_z_mm):.1f})"
+            f"radius_mm={self.radius_mm:.1f}, axial_fov_mm={np.ptp(self.ring_z_mm):.1f}{res})"
         )
 
 
@@ -384,6 +439,10 @@ class DetectorArray:
         lo, hi = self.positions_mm.min(axis=0), self.positions_mm.max(axis=0)
         box = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi))
         return f"DetectorArray(name={self.name!r}, num_detectors={self.num_detectors}, extent_mm=({box}))"
+
+
+#: Preset scanners by name (:meth:`Scanner.preset`) -> constructor.
+SCANNER_PRESETS = {"demo-small": "demo_small", "demo": "demo", "mmr": "mmr", "hrrt": "hrrt"}
 
 
 def ring_positions(num_rings, ring_spacing_mm):

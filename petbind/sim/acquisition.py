@@ -1,48 +1,65 @@
-"""Simulate PET acquisitions: expected sinograms, noisy sinograms and listmode.
+"""Simulate PET acquisitions in the sinogram domain; listmode only when asked.
 
-The forward model is :class:`petbind.recon.system.SystemModel`:
+The forward model is the one of :mod:`petbind.recon.system`,
+``ȳ = m ⊙ P(G x) + a``, with the factors of :mod:`petbind.recon.corrections`:
 
-``trues   = κ D_k · n ⊙ a ⊙ P(G x_k)``
-``scatter = SF/(1-SF) · (per-plane trues total) · shape``,  ``shape ∝ n ⊙ blur(a ⊙ P(G x_k))``
-``randoms = 2τ σ² ∫ A(t)² dt · n``  (``R_ij = 2τ S_i S_j`` with singles ``S_i = σ ε_i A(t)``)
+``trues_k   = κ D_k · n ⊙ a ⊙ μ_p P(G x_k)``
+``scatter_k = Σ_r w_rk κ D_k S_r``,  ``S_r ∝ n ⊙ blur(a ⊙ μ_p P(G f_r))`` scaled plane by plane to ``SF/(1-SF) · trues``
+``randoms_k = 2τ σ² ∫_k A(t)² dt · μ_p n``  (``R_ij = 2τ S_i S_j``, singles ``S_i = σ ε_i A(t)``)
 
-* ``x_k``: frame ``k``'s activity image, Bq/mL, decay-corrected to injection
-  (PET-BIDS convention).
-* ``D_k = ∫ e^{-λ t} dt`` over the frame (s): counts are *not* decay corrected.
-* ``κ``: counts per s per (Bq/mL · mm of line integral), calibrated so that
-  a point source at the centre of the field, without attenuation and with
-  unit efficiencies, gives ``sensitivity_cps_per_kbq``.
-* ``n``: crystal-efficiency normalisation ``ε_i ε_j``; ``a``: attenuation
-  ``exp(-P μ)``; ``G``: optional Gaussian resolution model.
+* ``x_k = Σ_r w_rk f_r``: frame ``k``'s activity, Bq/mL decay-corrected to
+  injection, a sum of fixed basis images ``f_r`` (e.g. region fractions) with
+  per-frame weights (:class:`BasisActivity`); an explicit 4-D image is the
+  special case of one basis image per frame.
+* ``D_k = ∫ e^{-λ t} dt`` over the frame (s after injection): counts are not
+  decay corrected.
+* ``κ``: counts/s per (Bq/mL · mm of line integral) from
+  ``sensitivity_cps_per_kbq`` (:func:`~petbind.recon.corrections.point_source_kappa`).
+* ``n``: crystal-efficiency normalisation (:func:`~petbind.recon.corrections.normalisation_factors`),
+  ``a``: attenuation ``exp(-P μ)``, ``μ_p``: ring pairs per plane
+  (:attr:`~petbind.recon.geometry.SinogramLayout.plane_multiplicity`; 1 for
+  span 1), ``G``: the scanner's resolution (Gaussian, FWHM
+  ``Scanner.resolution_fwhm_mm`` by default).
 * ``A(t)``: total activity in the image (Bq); ``σ`` is solved so that randoms
-  are ``randoms_fraction`` of all prompts over the whole acquisition (frames
-  with more activity get relatively more randoms, as on a real scanner).
-* Scatter is a smooth (Gaussian-blurred) version of the attenuated
+  are ``randoms_fraction`` of all prompts over the acquisition.
+* Scatter of each basis image is a wide Gaussian blur of its attenuated
   emission sinogram, scaled plane by plane so that
-  ``scatter / (trues + scatter) = scatter_fraction`` (NEMA definition).
+  ``scatter / (trues + scatter) = scatter_fraction`` (NEMA definition); being
+  linear in the weights, every frame's scatter is a weighted sum of the
+  basis scatters.
 
-Listmode events are drawn plane-chunk by plane-chunk (bounded memory), then
-split into time slices of at most ``max_events_per_chunk`` events and
-emitted in time order.  For a :class:`BasisActivity` (activity = sum of fixed
-images with per-frame weights, e.g. regions with their TACs) the basis
-images are projected once and low-count frames are drawn event by event
-(a superposition of one Poisson process per basis image), so the cost
-follows the number of events rather than the number of bins; the scatter
-of such frames is built per basis image with the same per-plane fraction.  Prompt events (trues and scatter) have times
-distributed as ``e^{-λ t}`` within the frame, randoms and delayed events as
-``e^{-2λ t}`` (their rate goes with the square of the activity).  Delayed
-events (``is_prompt == False``) are an independent Poisson draw of the
-randoms, as a delayed-window estimate would be.
+Cost.  Each basis image is blurred and projected once per geometry (the
+projections are cached and reused by every later acquisition with the same
+images, e.g. every session of a study); a frame's expected sinograms are
+then a matrix product of the frame weights with the cached projections, and
+counts are drawn bin by bin (``prompts ~ Poisson(trues + scatter +
+randoms)``, ``delayeds ~ Poisson(randoms)``, NumPy's sampler: about 40 ns
+per bin).  The cost is one pass over the bins per frame whatever the count
+level.
 
-Only ``span == 1`` layouts are accepted: every bin is one detector pair.
-Sampling runs on the host (NumPy); projections use the GPU when the device
-allows (one transfer per plane chunk).
+Listmode is made only when asked for, by expanding the binned counts
+(:meth:`Acquisition.events`): each bin's prompts are split between trues +
+scatter and randoms (binomially, with the expected proportions), every count
+becomes an event with a time drawn within the frame from the decay density
+(``e^{-λ t}`` for trues and scatter, ``e^{-2λ t}`` for randoms and delayeds,
+whose rate goes with the square of the activity), detector ids from the bin
+(for span > 1 a ring pair of the plane drawn with probability proportional
+to its efficiency product ``ε_i ε_j``) and the TOF bin from the TOF
+sinogram.  Histogramming the events gives back the sinograms exactly.
+
+Everything is deterministic given the seed: frame ``k`` and plane block
+``b`` draw from their own :class:`numpy.random.SeedSequence` child, so
+results do not depend on the order of the work (they do depend on
+``chunk_planes``).  Sampling runs on the host (NumPy); projections use the
+GPU when the device allows.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -53,36 +70,38 @@ from tqdm.auto import tqdm
 from petbind.core.decay import C11_HALF_LIFE_S, decay_integral
 from petbind.recon.corrections import normalisation_factors, point_source_kappa
 from petbind.recon.geometry import ImageGrid, SinogramLayout, TOFParameters
-from petbind.recon.system import GaussianFilter, LORProjector, SystemModel
+from petbind.recon.system import GaussianFilter, LORProjector
 
 __all__ = [
+    "Acquisition",
+    "AcquisitionSimulator",
     "BasisActivity",
     "EventChunk",
     "FrameStats",
     "ListmodeSimulator",
-    "sample_decay_times",
-    "draw_poisson_sparse",
     "random_crystal_efficiencies",
+    "sample_decay_times",
 ]
 
 log = logging.getLogger(__name__)
 
+#: Sinogram bins per projection block (memory of the cached projections and of one block of frames).
+_BLOCK_BINS = 1 << 18
 
 
 class BasisActivity(NamedTuple):
     """Activity as a sum of fixed images with per-frame weights.
 
     ``x_k = sum_r weights[r, k] * images[r]``.  The simulator projects each
-    basis image once and reuses the projections for every frame (and for every
-    call with the same ``images`` object), which is much faster than
-    projecting each frame when regions are fewer than frames.
+    basis image once and reuses the projections for every frame, and for
+    every acquisition with the same ``images`` object.
 
     Attributes
     ----------
     images : ndarray, shape (R, x, y, z)
-        Basis images (e.g. partial-volume region fractions).
+        Basis images (e.g. partial-volume region fractions), non-negative.
     weights : ndarray, shape (R, F)
-        Weight of each image in each frame (Bq/mL, decay-corrected).
+        Weight of each image in each frame (Bq/mL, decay-corrected), non-negative.
     """
 
     images: np.ndarray
@@ -122,14 +141,8 @@ class FrameStats:
     expected_trues: float
     expected_scatter: float
     expected_randoms: float
-    trues: int = 0
-    scatter: int = 0
-    randoms: int = 0
-    delayeds: int = 0
-
-    @property
-    def prompts(self):
-        return self.trues + self.scatter + self.randoms
+    prompts: float = 0
+    delayeds: float = 0
 
 
 def sample_decay_times(rng, n, start_s, end_s, decay_constant_per_s):
@@ -147,57 +160,6 @@ def sample_decay_times(rng, n, start_s, end_s, decay_constant_per_s):
     return np.minimum(t, np.nextafter(end_s, start_s))
 
 
-def _seed_sequence(seed):
-    return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-
-
-def draw_poisson_sparse(rng, mean, num_draws=None):
-    """Poisson counts of every bin of ``mean``, returned sparse.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    mean : ndarray
-        Expected counts (non-negative).
-
-    Returns
-    -------
-    index : ndarray of int64
-        Flat indices (increasing) of bins with at least one count.
-    counts : ndarray of int64
-        (With ``num_draws``, a list of ``num_draws`` independent
-        ``(index, counts)`` pairs sharing one cumulative sum.)
-
-    Notes
-    -----
-    When the total is below half the number of bins (low-count frames) the
-    draw is ``N ~ Poisson(sum mean)`` followed by ``N`` categorical draws with
-    probabilities ``mean / sum mean`` (inverse CDF on the cumulative sum),
-    which has exactly the distribution of independent Poisson bins and costs
-    ``O(bins + N log bins)`` instead of one Poisson draw per bin.
-    """
-    flat = np.asarray(mean).ravel()
-    draws = []
-    total = float(flat.sum(dtype=np.float64))
-    cdf = None
-    for _ in range(1 if num_draws is None else int(num_draws)):
-        if not total > 0:
-            draws.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        elif total < 0.5 * flat.size:
-            if cdf is None:
-                cdf = np.cumsum(flat, dtype=np.float64)
-            n = int(rng.poisson(total))
-            u = rng.random(n) * cdf[-1]
-            idx = np.minimum(np.searchsorted(cdf, u, side="right"), flat.size - 1)
-            uniq, cnt = np.unique(idx, return_counts=True)
-            draws.append((uniq.astype(np.int64), cnt.astype(np.int64)))
-        else:
-            c = rng.poisson(flat)
-            nz = np.flatnonzero(c)
-            draws.append((nz.astype(np.int64), c[nz].astype(np.int64)))
-    return draws[0] if num_draws is None else draws
-
-
 def random_crystal_efficiencies(scanner, rng=None, spread=0.05):
     """Log-normal crystal efficiencies around 1 (relative spread ``spread``), 0 for gaps."""
     rng = np.random.default_rng(rng)
@@ -205,9 +167,9 @@ def random_crystal_efficiencies(scanner, rng=None, spread=0.05):
     return eff * scanner.detector_mask()
 
 
-def _dense(sparse, shape):
-    idx, cnt = sparse
-    return np.bincount(idx, cnt, int(np.prod(shape))).astype(np.int64).reshape(shape)
+def _child(seed_seq, *key):
+    """The SeedSequence with ``spawn_key + key``: a stateless child (unlike ``spawn``)."""
+    return np.random.SeedSequence(seed_seq.entropy, spawn_key=tuple(seed_seq.spawn_key) + tuple(int(k) for k in key))
 
 
 def _plane_lors(layout, planes):
@@ -224,13 +186,14 @@ def _plane_lors(layout, planes):
     return start, end
 
 
-class ListmodeSimulator:
-    """Simulate sinograms and listmode data of a dynamic PET acquisition.
+class AcquisitionSimulator:
+    """Simulate dynamic PET acquisitions of one scanner, layout and object.
 
     Parameters
     ----------
     layout : SinogramLayout
-        Span 1 (each bin one detector pair).
+        Any span: for ``span > 1`` a plane is one mean LOR weighted by its
+        number of ring pairs, as in the reconstruction's projector.
     grid : ImageGrid
         Grid of the activity and μ images.
     mu_map_per_mm : ndarray, shape grid.shape, optional
@@ -247,30 +210,41 @@ class ListmodeSimulator:
     scatter_fwhm_mm : float
         FWHM (mm) of the Gaussian that smooths the attenuated emission
         sinogram into the scatter shape.
-    resolution_fwhm_mm : float or sequence of 3, optional
-        Image-space resolution model ``G`` (FWHM, mm).
+    resolution_fwhm_mm : "scanner", float, sequence of 3 float or None
+        Image-space resolution ``G`` (FWHM, mm).  ``"scanner"`` (default):
+        ``layout.scanner.resolution_fwhm_mm`` (no blur when the scanner does
+        not know it); ``None`` or 0: no blur.
     sensitivity_cps_per_kbq : float
-        Count rate of a point source at the centre, unattenuated (cps/kBq);
-        sets the count level.
+        Count rate of a point source at the centre, unattenuated, with unit
+        efficiencies (cps/kBq); sets the count level.
     half_life_s : float
         Physical half-life (s) (default ¹¹C).
     scan_start_s : float
-        Listmode time 0 in s after injection; frame times are after injection.
-    chunk_planes : int
-        Sinogram planes projected and drawn at a time (bounds memory).
+        Scan start (listmode time 0 and sinogram frame time 0) in s after
+        injection; frame times given to :meth:`acquire` are after injection.
+    chunk_planes : int, optional
+        Sinogram planes projected and drawn at a time; default about
+        260 000 bins per block.
+    cache_bytes : float
+        Memory allowed for the cached basis projections; above it, they are
+        recomputed for every acquisition (and once more to calibrate).
     max_events_per_chunk : int
-        Upper bound on events per yielded :class:`EventChunk`.
-    basis_cache_bytes : float
-        Memory allowed for cached projections of :class:`BasisActivity` images.
+        Upper bound on events per :class:`EventChunk` of a listmode expansion.
     device : {"auto", "cpu", "gpu"}
+        Where projections run.
     quiet : bool
         Silence progress bars.
 
-    Notes
-    -----
-    See the module docstring for the model.  Everything is deterministic
-    given ``seed`` and the settings (each frame draws from its own
-    ``SeedSequence`` child, so frames do not depend on each other's sizes).
+    Examples
+    --------
+    >>> from petbind.recon.geometry import Scanner
+    >>> layout = SinogramLayout(Scanner.cylindrical(60.0, 32, 2, 4.0), 15)
+    >>> grid = ImageGrid((10, 10, 2), 4.0)
+    >>> sim = AcquisitionSimulator(layout, grid, device="cpu", quiet=True)
+    >>> acq = sim.acquire(np.full(grid.shape, 1000.0), [0.0], [60.0], seed=1)
+    >>> sino = acq.sinograms()
+    >>> sino["prompts"].shape == (1,) + layout.shape
+    True
     """
 
     def __init__(
@@ -284,20 +258,18 @@ class ListmodeSimulator:
         randoms_fraction=0.2,
         coincidence_window_ns=4.0,
         scatter_fwhm_mm=150.0,
-        resolution_fwhm_mm=None,
+        resolution_fwhm_mm="scanner",
         sensitivity_cps_per_kbq=10.0,
         half_life_s=C11_HALF_LIFE_S,
         scan_start_s=0.0,
-        chunk_planes=32,
+        chunk_planes=None,
+        cache_bytes=1e9,
         max_events_per_chunk=1_000_000,
-        basis_cache_bytes=512e6,
         device="auto",
         quiet=False,
     ):
         if not isinstance(layout, SinogramLayout):
             raise TypeError(f"layout must be a SinogramLayout; got {type(layout).__name__}")
-        if layout.span != 1:
-            raise ValueError(f"the simulator emits detector pairs and needs span=1; got span={layout.span}")
         if not isinstance(grid, ImageGrid):
             raise TypeError(f"grid must be an ImageGrid; got {type(grid).__name__}")
         if tof is not None and not isinstance(tof, TOFParameters):
@@ -313,9 +285,12 @@ class ListmodeSimulator:
         ):
             if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be positive; got {v}")
-        if int(chunk_planes) < 1 or int(max_events_per_chunk) < 1:
-            raise ValueError("chunk_planes and max_events_per_chunk must be >= 1")
+        if int(max_events_per_chunk) < 1:
+            raise ValueError(f"max_events_per_chunk must be >= 1; got {max_events_per_chunk}")
+        if not np.isfinite(scan_start_s):
+            raise ValueError(f"scan_start_s must be finite; got {scan_start_s}")
         self.layout, self.grid, self.tof = layout, grid, tof
+        self.num_tof_bins = tof.num_bins if tof is not None else 1
         if mu_map_per_mm is not None:
             mu_map_per_mm = np.asarray(mu_map_per_mm, dtype=np.float32)
             if mu_map_per_mm.shape != grid.shape:
@@ -331,35 +306,47 @@ class ListmodeSimulator:
         self.randoms_fraction = float(randoms_fraction)
         self.coincidence_window_ns = float(coincidence_window_ns)
         self.scatter_fwhm_mm = float(scatter_fwhm_mm)
+        if isinstance(resolution_fwhm_mm, str):
+            if resolution_fwhm_mm != "scanner":
+                raise ValueError(f"resolution_fwhm_mm must be 'scanner', a FWHM in mm or None; got {resolution_fwhm_mm!r}")
+            resolution_fwhm_mm = layout.scanner.resolution_fwhm_mm
+        if resolution_fwhm_mm is not None and np.all(np.asarray(resolution_fwhm_mm, dtype=float) == 0):
+            resolution_fwhm_mm = None
         self.resolution = None if resolution_fwhm_mm is None else GaussianFilter(grid, resolution_fwhm_mm)
+        self.resolution_fwhm_mm = None if self.resolution is None else self.resolution.fwhm_mm.copy()
         self.sensitivity_cps_per_kbq = float(sensitivity_cps_per_kbq)
         self.half_life_s = float(half_life_s)
         self.decay_constant_per_s = math.log(2.0) / self.half_life_s
         self.scan_start_s = float(scan_start_s)
-        self.chunk_planes = int(chunk_planes)
+        per_plane = layout.num_views * layout.num_radial * self.num_tof_bins
+        if chunk_planes is None:
+            # about _BLOCK_BINS bins per block, blocks of equal size
+            nblocks = math.ceil(layout.num_planes / max(1, _BLOCK_BINS // per_plane))
+            cp = math.ceil(layout.num_planes / nblocks)
+        else:
+            cp = int(chunk_planes)
+        if cp < 1:
+            raise ValueError(f"chunk_planes must be >= 1; got {chunk_planes}")
+        self.chunk_planes = cp
+        self.cache_bytes = float(cache_bytes)
         self.max_events_per_chunk = int(max_events_per_chunk)
-        self.basis_cache_bytes = float(basis_cache_bytes)
         self.device = device
         self.quiet = bool(quiet)
         self.normalisation = normalisation_factors(layout, self.crystal_efficiencies)
-        self.chunks = [np.arange(p, min(p + self.chunk_planes, layout.num_planes)) for p in range(0, layout.num_planes, self.chunk_planes)]
+        self.chunks = [np.arange(p, min(p + cp, layout.num_planes)) for p in range(0, layout.num_planes, cp)]
         self._attenuation = None
-        self._sensitivity = None
         self._kappa = None
-        self._basis_images = None
-        self._basis_cache = {}
-        self._basis_dots = None
-        self.frame_stats = []
-        self.singles_scale = None
+        self._basis_key = None
+        self._basis = None
 
-    # -- set-up: attenuation, sensitivity image, calibration ------------------------------------
+    # -- set-up: attenuation, calibration ---------------------------------------------------------
     def _chunk_projector(self, planes, tof="same"):
         start, end = _plane_lors(self.layout, planes)
         return LORProjector(start, end, self.grid, tof=self.tof if tof == "same" else tof, device=self.device)
 
     @property
     def attenuation(self):
-        """Attenuation factors ``exp(-P μ)``, non-TOF sinogram shape (computed once)."""
+        """Attenuation factors ``exp(-P μ)``, non-TOF sinogram shape, float32 (computed once)."""
         if self._attenuation is None:
             att = np.ones(self.layout.shape, dtype=np.float32)
             if self.mu_map_per_mm is not None:
@@ -369,151 +356,28 @@ class ListmodeSimulator:
             self._attenuation = att
         return self._attenuation
 
-    def system_model(self, planes=None):
-        """The :class:`~petbind.recon.system.SystemModel` of some planes (all by default), without κ and decay.
-
-        ``m = n ⊙ a`` and ``G`` as configured; no additive term.
-        """
-        planes = np.arange(self.layout.num_planes) if planes is None else np.asarray(planes)
-        m = self.normalisation[planes] * self.attenuation[planes]
-        return SystemModel(self._chunk_projector(planes), multiplicative=m, resolution=self.resolution)
-
-    @property
-    def sensitivity_image(self):
-        """``G^T P^T m`` (non-TOF), used for frame totals."""
-        if self._sensitivity is None:
-            s = np.zeros(self.grid.shape, dtype=np.float64)
-            for planes in self.chunks:
-                m = self.normalisation[planes] * self.attenuation[planes]
-                model = SystemModel(self._chunk_projector(planes, tof=None), multiplicative=m, resolution=self.resolution)
-                s += model.back(np.ones(m.shape, dtype=np.float32))
-            self._sensitivity = s
-        return self._sensitivity
-
     @property
     def kappa(self):
         """Counts per s per (Bq/mL × mm of line integral), from ``sensitivity_cps_per_kbq``."""
         if self._kappa is None:
+            mult = self.layout.plane_multiplicity
+
             def project_total(point):
-                return sum(float(np.sum(self._chunk_projector(planes, tof=None).forward(point), dtype=np.float64))
-                           for planes in self.chunks)
+                total = 0.0
+                for planes in self.chunks:
+                    proj = np.asarray(self._chunk_projector(planes, tof=None).forward(point), dtype=np.float64)
+                    total += float(np.tensordot(mult[planes], proj.sum(axis=(1, 2)), axes=1))
+                return total
 
             self._kappa = point_source_kappa(self.sensitivity_cps_per_kbq, self.grid, project_total)
         return self._kappa
 
-    # -- activity handling ----------------------------------------------------------------------
-    def _frames(self, activity, frame_start_s, frame_end_s):
-        fs = np.atleast_1d(np.asarray(frame_start_s, dtype=float))
-        fe = np.atleast_1d(np.asarray(frame_end_s, dtype=float))
-        if fs.shape != fe.shape or fs.ndim != 1:
-            raise ValueError(f"frame_start_s and frame_end_s must be 1-D of equal length; got {fs.shape}, {fe.shape}")
-        if np.any(fe <= fs) or np.any(fs[1:] < fe[:-1]) or fs[0] < self.scan_start_s:
-            raise ValueError(
-                "frames must be increasing, non-overlapping, of positive duration and start at or after "
-                f"scan_start_s={self.scan_start_s}; got starts {fs.tolist()} ends {fe.tolist()}"
-            )
-        if isinstance(activity, BasisActivity):
-            images = np.asarray(activity.images)
-            weights = np.asarray(activity.weights, dtype=float)
-            if images.ndim != 4 or images.shape[1:] != self.grid.shape:
-                raise ValueError(f"BasisActivity.images must have shape (R,) + {self.grid.shape}; got {images.shape}")
-            if weights.shape != (images.shape[0], fs.size):
-                raise ValueError(f"BasisActivity.weights must have shape ({images.shape[0]}, {fs.size}); got {weights.shape}")
-            if not np.all(np.isfinite(weights)) or not np.all(np.isfinite(images)):
-                raise ValueError("BasisActivity images and weights must be finite")
-            return activity, fs, fe
-        act = np.asarray(activity, dtype=np.float32)
-        if act.ndim == 3:
-            act = act[..., None]
-        if act.ndim != 4 or act.shape[:3] != self.grid.shape or act.shape[3] != fs.size:
-            raise ValueError(f"activity must have shape {self.grid.shape} + ({fs.size},) (Bq/mL per frame); got {np.shape(activity)}")
-        if not np.all(np.isfinite(act)) or act.min() < 0:
-            raise ValueError("activity must be finite and non-negative (Bq/mL)")
-        return act, fs, fe
+    @property
+    def randoms_shape(self):
+        """``μ_p n``: randoms per bin up to a per-frame factor (non-TOF shape, float32)."""
+        return (self.normalisation * self.layout.plane_multiplicity[:, None, None]).astype(np.float32)
 
-    def _frame_image(self, act, k):
-        if isinstance(act, BasisActivity):
-            return np.tensordot(np.asarray(act.weights[:, k], dtype=np.float32), np.asarray(act.images, np.float32), axes=1)
-        return act[..., k]
-
-    def _image_totals(self, act):
-        """Per frame: ``<s, x_k>`` (for trues totals) and the activity in the image (Bq)."""
-        voxel_ml = float(np.prod(self.grid.voxel_size_mm)) / 1000.0
-        if isinstance(act, BasisActivity):
-            imgs = np.asarray(act.images, dtype=np.float64).reshape(act.images.shape[0], -1)
-            sums = imgs.sum(axis=1) * voxel_ml
-            cache = self._basis_projections(act)
-            if cache is not None:
-                # <m, P G f_r> straight from the cached projections: no back projection needed.
-                dots = np.zeros(imgs.shape[0])
-                for ci, planes in enumerate(self.chunks):
-                    m = (self.normalisation[planes] * self.attenuation[planes]).astype(np.float64)
-                    proj = cache[ci].sum(axis=-1) if self.tof is not None else cache[ci]
-                    dots += np.tensordot(proj.astype(np.float64), m, axes=m.ndim)
-            else:
-                dots = imgs @ self.sensitivity_image.ravel()
-            return act.weights.T @ dots, act.weights.T @ sums
-        flat = act.reshape(-1, act.shape[-1]).astype(np.float64)
-        return flat.T @ self.sensitivity_image.ravel(), flat.sum(axis=0) * voxel_ml
-
-    def _projection(self, act, k, ci):
-        """``P(G x_k)`` for chunk ``ci`` (TOF if configured), float32."""
-        planes = self.chunks[ci]
-        if isinstance(act, BasisActivity):
-            cache = self._basis_projections(act)
-            if cache is not None:
-                return np.tensordot(np.asarray(act.weights[:, k], dtype=np.float32), cache[ci], axes=1)
-        x = self._frame_image(act, k).astype(np.float32)
-        if self.resolution is not None:
-            x = self.resolution.forward(x)
-        return np.asarray(self._chunk_projector(planes).forward(x), dtype=np.float32)
-
-    def _basis_projections(self, act):
-        if self._basis_images is not act.images:
-            r = act.images.shape[0]
-            nbins = self.layout.num_bins * (self.tof.num_bins if self.tof is not None else 1)
-            self._basis_images = act.images
-            self._basis_cache = {}
-            self._basis_ok = r * nbins * 4 <= self.basis_cache_bytes
-            if not self._basis_ok:
-                log.info("basis projections (%d images) exceed basis_cache_bytes; projecting frame by frame", r)
-        if not self._basis_ok:
-            return None
-        if not self._basis_cache:
-            for ci, planes in enumerate(tqdm(self.chunks, desc="projecting basis images", disable=self.quiet, leave=False)):
-                p = self._chunk_projector(planes)
-                out = []
-                for img in act.images:
-                    x = np.asarray(img, dtype=np.float32)
-                    if self.resolution is not None:
-                        x = self.resolution.forward(x)
-                    out.append(np.asarray(p.forward(x), dtype=np.float32))
-                self._basis_cache[ci] = np.stack(out)
-        return self._basis_cache
-
-    # -- expected counts ------------------------------------------------------------------------
-    def _calibrate(self, act, fs, fe):
-        """Frame totals and the singles scale σ that gives the requested randoms fraction."""
-        lam = self.decay_constant_per_s
-        dots, activity_bq = self._image_totals(act)
-        d1 = decay_integral(fs, fe, lam)
-        d2 = decay_integral(fs, fe, 2 * lam)
-        trues = self.kappa * d1 * dots
-        scatter = trues * self.scatter_fraction / (1 - self.scatter_fraction)
-        i2 = activity_bq**2 * d2  # ∫ A(t)² dt per frame (Bq² s)
-        window_s = self.coincidence_window_ns * 1e-9
-        norm_sum = float(self.normalisation.sum(dtype=np.float64))
-        target = self.randoms_fraction / (1 - self.randoms_fraction) * float(np.sum(trues + scatter))
-        if target > 0 and np.sum(i2) > 0:
-            sigma = math.sqrt(target / (window_s * norm_sum * float(np.sum(i2))))
-        else:
-            sigma = 0.0
-        randoms = window_s * sigma**2 * i2 * norm_sum
-        self.singles_scale = sigma
-        self._frame_activity_bq = activity_bq
-        self._frame_d1 = d1
-        return trues, scatter, randoms, i2
-
+    # -- scatter shape ----------------------------------------------------------------------------
     def _scatter_setup(self):
         """Decimation factors and the FFT of the scatter blur on the decimated (view, radial) grid.
 
@@ -523,7 +387,6 @@ class ListmodeSimulator:
         """
         if getattr(self, "_scatter_cfg", None) is None:
             layout = self.layout
-            # Radial bin width from the LOR distances to the axis in view 0.
             start, end = _plane_lors(layout, np.array([0]))
             d = end[0, 0, :, :2] - start[0, 0, :, :2]
             dist = (d[:, 0] * start[0, 0, :, 1] - d[:, 1] * start[0, 0, :, 0]) / np.hypot(d[:, 0], d[:, 1])
@@ -547,7 +410,6 @@ class ListmodeSimulator:
             dr = np.minimum(jr, cr_pad - jr)
             kr = np.where(dr <= half, np.exp(-0.5 * (dr / sr) ** 2), 0.0)
             kernel = kv[:, None] * kr[None, :]
-            # Linear interpolation from coarse-sample centres back to fine bins.
             pos_v = (np.arange(nv) + 0.5) / fv - 0.5
             v0 = np.floor(pos_v).astype(int)
             wv = pos_v - v0
@@ -579,365 +441,472 @@ class ListmodeSimulator:
         sm = (1 - wr) * sm[:, :, c["r0"]] + wr * sm[:, :, c["r1"]]
         return np.maximum(sm, 0.0)
 
-    def expected_chunk(self, act, k, ci, frame_totals):
-        """Expected trues, scatter and randoms of chunk ``ci`` in frame ``k`` (float32 arrays).
+    # -- basis projections --------------------------------------------------------------------------
+    def _unit_chunk(self, blurred, ci):
+        """Trues + scatter and scatter of chunk ``ci`` per unit weight and unit ``κ D``.
 
-        Shapes are ``(planes, views, radial[, tof])``; randoms are spread
-        evenly over TOF bins.  Per-plane totals are summed in float64.
+        Returns ``(prompt_unit, scatter_unit)``, float32 arrays ``(R, bins of the chunk)``
+        (TOF bins last within each LOR).
         """
         planes = self.chunks[ci]
-        kappa_d = np.float32(self.kappa * self._frame_d1[k])
-        proj = self._projection(act, k, ci)
-        n = self.normalisation[planes]
-        a = self.attenuation[planes]
+        p = self._chunk_projector(planes)
+        mult = self.layout.plane_multiplicity[planes]
         tof_axis = self.tof is not None
         lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
-        emission = lor(kappa_d * a) * proj
-        trues = lor(n) * emission
-        trues_nontof = trues.sum(axis=-1) if tof_axis else trues
-        em_nontof = emission.sum(axis=-1) if tof_axis else emission
-        shape = n * self._scatter_shape(em_nontof).astype(np.float32)
+        n = self.normalisation[planes]
+        a = self.attenuation[planes]
         sf = self.scatter_fraction / (1 - self.scatter_fraction)
-        plane_trues = trues_nontof.sum(axis=(1, 2), dtype=np.float64)
-        plane_shape = shape.sum(axis=(1, 2), dtype=np.float64)
-        scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
-        scatter = shape * scale.astype(np.float32)[:, None, None]
-        if tof_axis:
-            # Scatter TOF profile: the trues' profile blurred over two bins, uniform where there are no trues.
-            prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
-            tot = prof.sum(axis=-1, keepdims=True)
-            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
-            scatter = scatter[..., None] * prof
-        window_s = self.coincidence_window_ns * 1e-9
-        randoms = np.float32(window_s * self.singles_scale**2 * frame_totals[3][k]) * n
-        if tof_axis:
-            randoms = np.repeat(randoms[..., None] / np.float32(self.tof.num_bins), self.tof.num_bins, axis=-1)
-        return trues, scatter, randoms
+        units, scatters = [], []
+        for img in blurred:
+            proj = np.asarray(p.forward(img), dtype=np.float32)
+            emission = lor(a * mult[:, None, None]) * proj
+            trues = lor(n) * emission
+            trues_nt = trues.sum(axis=-1) if tof_axis else trues
+            em_nt = emission.sum(axis=-1) if tof_axis else emission
+            shape = n * self._scatter_shape(em_nt).astype(np.float32)
+            plane_t = trues_nt.sum(axis=(1, 2), dtype=np.float64)
+            plane_s = shape.sum(axis=(1, 2), dtype=np.float64)
+            scale = np.where(plane_s > 0, sf * plane_t / np.where(plane_s > 0, plane_s, 1.0), 0.0)
+            scatter = shape * scale.astype(np.float32)[:, None, None]
+            if tof_axis:
+                # Scatter TOF profile: the trues' profile blurred over two bins, uniform where there are no trues.
+                prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
+                tot = prof.sum(axis=-1, keepdims=True)
+                prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.num_tof_bins))
+                scatter = scatter[..., None] * prof
+            units.append((trues + scatter).reshape(-1))
+            scatters.append(scatter.reshape(-1).astype(np.float32))
+        return np.stack(units).astype(np.float32), np.stack(scatters)
 
-    # -- public entry points --------------------------------------------------------------------
-    def singles_counts(self, frame_start_s, frame_end_s):
-        """Singles counted per detector in each frame of the last simulation.
+    def _prepare_basis(self, images):
+        """Blur the basis images, project them (cached when they fit) and sum them up.
 
-        Returns
-        -------
-        ndarray, shape (num_frames, num_detectors)
-            ``σ ε_i A_k D_k`` (expected counts; the recon can estimate randoms from them).
+        Returns a dict with ``sums`` (trues and scatter totals per basis image
+        per unit weight and unit ``κ D``), ``max_unit`` (per basis, the largest
+        bin value) and ``cache`` (chunk index -> unit arrays, or None).
         """
-        if self.singles_scale is None:
-            raise ValueError("run simulate_listmode or simulate_sinograms first")
-        eff = self.crystal_efficiencies * self.layout.scanner.detector_mask()
-        return self.singles_scale * (self._frame_activity_bq * self._frame_d1)[:, None] * eff[None, :]
+        key = (id(images), images.shape, float(images.reshape(-1)[:: max(1, images.size // 1000)].sum()))
+        if self._basis_key == key and self._basis is not None:
+            return self._basis
+        r = images.shape[0]
+        blurred = [np.asarray(img, dtype=np.float32) for img in images]
+        if self.resolution is not None:
+            blurred = [np.asarray(self.resolution.forward(img), dtype=np.float32) for img in blurred]
+        nbins = self.layout.num_bins * self.num_tof_bins
+        cacheable = 2 * r * nbins * 4 <= self.cache_bytes
+        if not cacheable:
+            log.info("basis projections (%d images x %d bins) exceed cache_bytes=%g; they are recomputed per acquisition",
+                     r, nbins, self.cache_bytes)
+        info = {"blurred": blurred, "trues": np.zeros(r), "scatter": np.zeros(r), "max_unit": np.zeros(r),
+                "cache": {} if cacheable else None}
+        for ci in tqdm(range(len(self.chunks)), desc="projecting basis images", disable=self.quiet, leave=False):
+            unit, scat = self._unit_chunk(blurred, ci)
+            s = scat.sum(axis=1, dtype=np.float64)
+            info["scatter"] += s
+            info["trues"] += unit.sum(axis=1, dtype=np.float64) - s
+            info["max_unit"] = np.maximum(info["max_unit"], unit.max(axis=1))
+            if cacheable:
+                info["cache"][ci] = (unit, scat)
+        self._basis_key, self._basis = key, info
+        return info
 
-    def simulate_sinograms(self, activity, frame_start_s, frame_end_s, seed=None):
-        """Expected and Poisson-noisy sinograms of every frame (small problems).
+    def _units(self, ci):
+        info = self._basis
+        if info["cache"] is not None:
+            return info["cache"][ci]
+        return self._unit_chunk(info["blurred"], ci)
+
+    # -- public entry points ------------------------------------------------------------------------
+    def _frames(self, activity, frame_start_s, frame_end_s):
+        fs = np.atleast_1d(np.asarray(frame_start_s, dtype=float))
+        fe = np.atleast_1d(np.asarray(frame_end_s, dtype=float))
+        if fs.shape != fe.shape or fs.ndim != 1 or fs.size == 0:
+            raise ValueError(f"frame_start_s and frame_end_s must be 1-D of equal length; got {fs.shape}, {fe.shape}")
+        if (not np.all(np.isfinite(fs)) or not np.all(np.isfinite(fe)) or np.any(fe <= fs) or np.any(fs[1:] < fe[:-1])
+                or fs[0] < self.scan_start_s):
+            raise ValueError(
+                "frames must be increasing, non-overlapping, of positive duration and start at or after "
+                f"scan_start_s={self.scan_start_s}; got starts {fs.tolist()} ends {fe.tolist()}"
+            )
+        if isinstance(activity, BasisActivity):
+            images = np.asarray(activity.images)
+            weights = np.asarray(activity.weights, dtype=float)
+            if images.ndim != 4 or images.shape[1:] != self.grid.shape:
+                raise ValueError(f"BasisActivity.images must have shape (R,) + {self.grid.shape}; got {images.shape}")
+            if weights.shape != (images.shape[0], fs.size):
+                raise ValueError(f"BasisActivity.weights must have shape ({images.shape[0]}, {fs.size}); got {weights.shape}")
+            if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(images))):
+                raise ValueError("BasisActivity images and weights must be finite")
+            if weights.min() < 0 or images.min() < 0:
+                raise ValueError("BasisActivity images and weights must be non-negative (Bq/mL)")
+            return BasisActivity(images, weights), fs, fe
+        act = np.asarray(activity, dtype=np.float32)
+        if act.ndim == 3:
+            act = act[..., None]
+        if act.ndim != 4 or act.shape[:3] != self.grid.shape or act.shape[3] != fs.size:
+            raise ValueError(f"activity must have shape {self.grid.shape} + ({fs.size},) (Bq/mL per frame); got {np.shape(activity)}")
+        if not np.all(np.isfinite(act)) or act.min() < 0:
+            raise ValueError("activity must be finite and non-negative (Bq/mL)")
+        # An explicit 4-D image: one basis image per frame.
+        return BasisActivity(np.ascontiguousarray(np.moveaxis(act, -1, 0)), np.eye(fs.size)), fs, fe
+
+    def acquire(self, activity, frame_start_s, frame_end_s, seed=None, noise=True):
+        """Set up one acquisition (one session): calibration, frame totals, random streams.
 
         Parameters
         ----------
-        activity : ndarray (x, y, z[, t]) or BasisActivity
+        activity : BasisActivity or ndarray (x, y, z[, t])
             Decay-corrected activity (Bq/mL) per frame.
         frame_start_s, frame_end_s : array of float
-            Frame times (s after injection).
+            Frame times (s after injection), increasing, non-overlapping.
         seed : int or SeedSequence, optional
+        noise : bool
+            ``False`` gives the expected counts instead of Poisson draws
+            (floats; for error budgets).
 
         Returns
         -------
-        dict of str to ndarray, each with a leading frame axis
-            ``trues``, ``scatter``, ``randoms`` (expected), ``prompts``,
-            ``delayeds`` (noisy, int64), and ``trues_counts``,
-            ``scatter_counts``, ``randoms_counts`` (the drawn components of
-            ``prompts``).
+        Acquisition
+            Its :meth:`~Acquisition.blocks` draw the counts block by block.
         """
         act, fs, fe = self._frames(activity, frame_start_s, frame_end_s)
-        totals = self._calibrate(act, fs, fe)
-        seeds = _seed_sequence(seed).spawn(fs.size)
-        shape = self.layout.shape + ((self.tof.num_bins,) if self.tof is not None else ())
-        out = {name: np.zeros((fs.size,) + shape, dtype=np.float64) for name in ("trues", "scatter", "randoms")}
-        for name in ("prompts", "delayeds", "trues_counts", "scatter_counts", "randoms_counts"):
-            out[name] = np.zeros((fs.size,) + shape, dtype=np.int64)
-        for k in tqdm(range(fs.size), desc="simulating frames", disable=self.quiet):
-            rng = np.random.default_rng(seeds[k])
-            for ci, planes in enumerate(self.chunks):
-                t, s, r = self.expected_chunk(act, k, ci, totals)
-                out["trues"][k, planes], out["scatter"][k, planes], out["randoms"][k, planes] = t, s, r
-                ct, cs = (_dense(draw_poisson_sparse(rng, m), m.shape) for m in (t, s))
-                cr, cd = (_dense(d, r.shape) for d in draw_poisson_sparse(rng, r, num_draws=2))
-                out["trues_counts"][k, planes], out["scatter_counts"][k, planes], out["randoms_counts"][k, planes] = ct, cs, cr
-                out["prompts"][k, planes] = ct + cs + cr
-                out["delayeds"][k, planes] = cd
+        info = self._prepare_basis(act.images)
+        return Acquisition(self, act, fs, fe, info, seed, noise)
+
+    def simulate_sinograms(self, activity, frame_start_s, frame_end_s, seed=None):
+        """Expected and noisy sinograms of every frame, in memory (small problems).
+
+        Returns
+        -------
+        dict of str to ndarray, each ``(F,) + layout.shape`` (+ TOF axis)
+            ``trues``, ``scatter``, ``randoms`` (expected, float64),
+            ``prompts`` and ``delayeds`` (counts, int32).
+        """
+        acq = self.acquire(activity, frame_start_s, frame_end_s, seed=seed)
+        return {**acq.expected(), **acq.sinograms()}
+
+
+#: Old name of :class:`AcquisitionSimulator`.
+ListmodeSimulator = AcquisitionSimulator
+
+
+class Acquisition:
+    """One simulated acquisition: frame totals, counts drawn block by block, listmode on demand.
+
+    Made by :meth:`AcquisitionSimulator.acquire`.
+
+    Attributes
+    ----------
+    frame_start_s, frame_end_s : ndarray
+        Frame times (s after injection).
+    frame_stats : list of FrameStats
+        Expected totals per frame (drawn totals filled in by :meth:`blocks`).
+    singles_scale : float
+        ``σ`` of the singles model (counts per s per Bq per unit efficiency).
+    noise : bool
+    """
+
+    def __init__(self, sim, act, fs, fe, info, seed, noise):
+        self.sim, self.act, self.frame_start_s, self.frame_end_s = sim, act, fs, fe
+        self.noise = bool(noise)
+        self._seed = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        lam = sim.decay_constant_per_s
+        self.num_frames = fs.size
+        d1 = decay_integral(fs, fe, lam)
+        d2 = decay_integral(fs, fe, 2 * lam)
+        w = np.asarray(act.weights, dtype=np.float64)
+        # Frame weights of the unit projections: w_rk κ D_k.
+        self.weights = w * (sim.kappa * d1)[None, :]
+        trues = self.weights.T @ info["trues"]
+        scatter = self.weights.T @ info["scatter"]
+        voxel_ml = float(np.prod(sim.grid.voxel_size_mm)) / 1000.0
+        sums = np.asarray(act.images, dtype=np.float64).reshape(act.images.shape[0], -1).sum(axis=1) * voxel_ml
+        self.activity_bq = w.T @ sums  # decay-corrected activity in the image per frame (Bq)
+        i2 = self.activity_bq**2 * d2  # ∫ A(t)² dt per frame (Bq² s)
+        window_s = sim.coincidence_window_ns * 1e-9
+        shape_sum = float(sim.randoms_shape.sum(dtype=np.float64))
+        target = sim.randoms_fraction / (1 - sim.randoms_fraction) * float(np.sum(trues + scatter))
+        sigma = math.sqrt(target / (window_s * shape_sum * float(np.sum(i2)))) if target > 0 and np.sum(i2) > 0 else 0.0
+        self.singles_scale = sigma
+        #: randoms of frame k = randoms_scale[k] * randoms_shape (per TOF bin: divided by the TOF bins)
+        self.randoms_scale = window_s * sigma**2 * i2
+        randoms = self.randoms_scale * shape_sum
+        self._d1 = d1
+        self._max_unit = info["max_unit"]
+        self.frame_stats = [FrameStats(float(a), float(b), float(t), float(s), float(r))
+                            for a, b, t, s, r in zip(fs, fe, trues, scatter, randoms)]
+
+    # -- expected counts -----------------------------------------------------------------------------
+    def _shape(self, planes):
+        return (len(planes), self.sim.layout.num_views, self.sim.layout.num_radial) + (
+            (self.sim.num_tof_bins,) if self.sim.tof is not None else ())
+
+    def _randoms_unit(self, planes):
+        r = self.sim.randoms_shape[planes]
+        if self.sim.tof is not None:
+            r = np.repeat(r[..., None] / np.float32(self.sim.num_tof_bins), self.sim.num_tof_bins, axis=-1)
+        return r.reshape(-1)
+
+    def _expected_block(self, ci, frames=None, scatter=True):
+        """``(trues + scatter, scatter or None, randoms)`` of block ``ci``: float32 ``(len(frames), bins)``."""
+        frames = np.arange(self.num_frames) if frames is None else np.atleast_1d(frames)
+        unit, scat = self.sim._units(ci)
+        w = self.weights[:, frames].T.astype(np.float32)
+        ts = w @ unit
+        s = w @ scat if scatter else None
+        r = self.randoms_scale[frames, None].astype(np.float32) * self._randoms_unit(self.sim.chunks[ci])[None]
+        return ts, s, r
+
+    def expected(self):
+        """Expected ``trues``, ``scatter`` and ``randoms`` of every frame (float64, small problems)."""
+        shape = (self.num_frames,) + self._shape(np.arange(self.sim.layout.num_planes))
+        out = {k: np.zeros(shape) for k in ("trues", "scatter", "randoms")}
+        for ci, planes in enumerate(self.sim.chunks):
+            ts, s, r = self._expected_block(ci)
+            blk = (self.num_frames,) + self._shape(planes)
+            out["trues"][:, planes] = (ts - s).reshape(blk)
+            out["scatter"][:, planes] = s.reshape(blk)
+            out["randoms"][:, planes] = r.reshape(blk)
         return out
 
-    # -- drawing counts ---------------------------------------------------------------------------
-    def _frame_counts(self, act, fs, fe, totals, seeds, counts_out):
-        """Yield ``(k, rng, stats, sparse)`` per frame: the drawn counts of each event type, sparse.
+    def max_count_bound(self):
+        """An upper bound on any bin's count (to choose a storage dtype).
 
-        ``sparse[key]`` is a list of ``(flat bin index, count)`` pairs, keys
-        ``prompt_decay`` (trues and scatter), ``prompt_randoms`` and ``delayed``.
-        Low-count frames of a :class:`BasisActivity` with cached projections
-        are drawn in batches, event by event from each basis image's
-        distribution (cost proportional to the events, not to the bins);
-        other frames bin by bin, chunk by chunk.
+        ``Σ_r max_k(w_rk κ D_k) max_b(unit_rb) + max_k(randoms_k) max_b(randoms shape)``, plus
+        ten standard deviations.
         """
-        ntof = self.tof.num_bins if self.tof is not None else 1
-        nbins = self.layout.num_bins * ntof
-        expected = totals[0] + totals[1] + 2 * totals[2]
-        fast = isinstance(act, BasisActivity) and self._basis_projections(act) is not None
-        k = 0
-        while k < fs.size:
-            if fast and expected[k] < 0.5 * nbins:
-                batch = [k]
-                budget = max(20 * self.max_events_per_chunk, expected[k])
-                used = expected[k]
-                while batch[-1] + 1 < fs.size and expected[batch[-1] + 1] < 0.5 * nbins and used + expected[batch[-1] + 1] <= budget:
-                    batch.append(batch[-1] + 1)
-                    used += expected[batch[-1]]
-                yield from self._basis_batch_counts(act, batch, fs, fe, totals, seeds, counts_out)
-                k = batch[-1] + 1
-            else:
-                rng = np.random.default_rng(seeds[k])
-                stats = FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k]))
-                sparse = self._dense_frame_counts(act, k, rng, totals, counts_out, stats)
-                yield k, rng, stats, sparse
-                k += 1
+        ybar = float(self.weights.max(axis=1) @ self._max_unit)
+        ybar += float(self.randoms_scale.max() * self.sim.randoms_shape.max())
+        return ybar + 10.0 * math.sqrt(ybar) + 20.0
 
-    def _chunk_offset(self, ci):
-        ntof = self.tof.num_bins if self.tof is not None else 1
-        return int(self.chunks[ci][0]) * self.layout.num_views * self.layout.num_radial * ntof
+    # -- drawing ------------------------------------------------------------------------------------
+    def blocks(self, progress=None):
+        """Draw the sinograms block of planes by block of planes.
 
-    def _dense_frame_counts(self, act, k, rng, totals, counts_out, stats):
-        sparse = {"prompt_decay": [], "prompt_randoms": [], "delayed": []}
-        for ci, planes in enumerate(self.chunks):
-            t, s, r = self.expected_chunk(act, k, ci, totals)
-            ct, cs = draw_poisson_sparse(rng, t), draw_poisson_sparse(rng, s)
-            cr, cd = draw_poisson_sparse(rng, r, num_draws=2)
-            self._collect(sparse, stats, counts_out, k, ci, t.shape, ct, cs, cr, cd)
-        return sparse
+        Yields
+        ------
+        planes : ndarray of int
+            Contiguous plane indices of the block.
+        prompts, delayeds : ndarray, shape (F, len(planes), views, radial[, tof])
+            Counts (int32), or the expected counts (float32) when ``noise`` is False.
 
-    def _collect(self, sparse, stats, counts_out, k, ci, shape, ct, cs, cr, cd):
-        stats.trues += int(ct[1].sum())
-        stats.scatter += int(cs[1].sum())
-        stats.randoms += int(cr[1].sum())
-        stats.delayeds += int(cd[1].sum())
-        offset = self._chunk_offset(ci)
-        # Trues and scatter share the e^{-lambda t} time density: merge them.
-        idx_ts = np.concatenate([ct[0], cs[0]])
-        cnt_ts = np.concatenate([ct[1], cs[1]])
-        for key, (idx, cnt) in (("prompt_decay", (idx_ts, cnt_ts)), ("prompt_randoms", cr), ("delayed", cd)):
-            sparse[key].append((idx + offset, cnt))
-        if counts_out is not None:
-            size = int(np.prod(shape))
-            planes = self.chunks[ci]
-            dense_p = np.bincount(idx_ts, cnt_ts, size) + np.bincount(cr[0], cr[1], size)
-            counts_out["prompts"][k, planes] = dense_p.reshape(shape).astype(np.int64)
-            counts_out["delayeds"][k, planes] = _dense(cd, shape)
-
-    def _basis_unit_chunk(self, ci):
-        """Trues and scatter of chunk ``ci`` per unit basis weight and unit ``κ D`` (float32, leading basis axis).
-
-        Scatter is built per basis image with the same recipe as
-        :meth:`expected_chunk` (per-plane fraction), so that summed with the
-        frame weights every plane keeps ``scatter / (trues + scatter) = SF``.
+        Notes
+        -----
+        Frame ``k`` of block ``b`` draws from its own random stream (child
+        ``(k, b)`` of the seed), so any subset of blocks gives the same
+        counts; ``frame_stats[k].prompts`` and ``.delayeds`` are the totals
+        once every block has been drawn.
         """
-        planes = self.chunks[ci]
-        proj = self._basis_cache[ci]
-        nb = proj.shape[0]
-        n = self.normalisation[planes]
-        a = self.attenuation[planes]
-        tof_axis = self.tof is not None
-        lor = (lambda f: f[..., None]) if tof_axis else (lambda f: f)
-        emission = lor(a)[None] * proj
-        trues = lor(n)[None] * emission
-        trues_nontof = trues.sum(axis=-1) if tof_axis else trues
-        em_nontof = emission.sum(axis=-1) if tof_axis else emission
-        shp = em_nontof.shape
-        shape = n[None] * self._scatter_shape(em_nontof.reshape((-1,) + shp[2:])).reshape(shp).astype(np.float32)
-        sf = self.scatter_fraction / (1 - self.scatter_fraction)
-        plane_trues = trues_nontof.sum(axis=(2, 3), dtype=np.float64)
-        plane_shape = shape.sum(axis=(2, 3), dtype=np.float64)
-        scale = np.where(plane_shape > 0, sf * plane_trues / np.where(plane_shape > 0, plane_shape, 1.0), 0.0)
-        scatter = shape * scale.astype(np.float32)[:, :, None, None]
-        if tof_axis:
-            prof = ndimage.gaussian_filter1d(trues, 2.0, axis=-1, mode="constant")
-            tot = prof.sum(axis=-1, keepdims=True)
-            prof = np.where(tot > 0, prof / np.where(tot > 0, tot, 1.0), np.float32(1.0 / self.tof.num_bins))
-            scatter = scatter[..., None] * prof
-        return trues.reshape(nb, -1), scatter.reshape(nb, -1)
+        quiet = self.sim.quiet if progress is None else not progress
+        for st in self.frame_stats:
+            st.prompts = st.delayeds = 0
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            for ci in tqdm(range(len(self.sim.chunks)), desc="drawing counts", disable=quiet, leave=False):
+                planes = self.sim.chunks[ci]
+                ts, _, r = self._expected_block(ci, scatter=False)
+                blk = (self.num_frames,) + self._shape(planes)
+                if not self.noise:
+                    prompts, delayeds = (ts + r).reshape(blk), r.reshape(blk)
+                else:
+                    prompts = np.empty(ts.shape, np.int32)  # 2^31 counts in a bin is far beyond any scanner
+                    delayeds = np.empty(ts.shape, np.int32)
 
-    def _basis_batch_counts(self, act, batch, fs, fe, totals, seeds, counts_out):
-        """Draw a batch of low-count frames of a basis activity, event by event.
+                    def draw(k, ci=ci, ts=ts, r=r, prompts=prompts, delayeds=delayeds):
+                        # NumPy's samplers release the GIL: frames are drawn in parallel threads.
+                        rng = np.random.default_rng(_child(self._seed, k, ci))
+                        prompts[k] = rng.poisson(ts[k] + r[k])
+                        delayeds[k] = rng.poisson(r[k])
 
-        Poisson process superposition: frame ``k``'s trues are the union of
-        independent Poisson processes, one per basis image ``r``, with means
-        ``w_rk κ D_k T_r``; each draws ``N_rk ~ Poisson(w_rk κ D_k sum T_r)``
-        events whose bins are i.i.d. categorical with probabilities
-        ``T_r / sum T_r`` (one inverse-CDF draw serves all frames of the
-        batch).  Scatter likewise; randoms and delayeds follow ``n``.
-        """
-        kk = np.asarray(batch)
-        rngs = {k: np.random.default_rng(seeds[k]) for k in batch}
-        first = seeds[batch[0]]
-        pool_rng = np.random.default_rng(np.random.SeedSequence(first.entropy, spawn_key=tuple(first.spawn_key) + (1 << 30,)))
-        stats = {k: FrameStats(float(fs[k]), float(fe[k]), float(totals[0][k]), float(totals[1][k]), float(totals[2][k])) for k in batch}
-        sparse = {k: {"prompt_decay": [], "prompt_randoms": [], "delayed": []} for k in batch}
-        weights = np.asarray(act.weights, dtype=np.float64)[:, kk] * (self.kappa * self._frame_d1[kk])[None, :]
-        ntof = self.tof.num_bins if self.tof is not None else 1
-        window_s = self.coincidence_window_ns * 1e-9
-        rand_scale = window_s * self.singles_scale**2 * totals[3][kk]
+                    list(pool.map(draw, range(self.num_frames)))
+                    prompts, delayeds = prompts.reshape(blk), delayeds.reshape(blk)
+                for k, st in enumerate(self.frame_stats):
+                    st.prompts += prompts[k].sum()
+                    st.delayeds += delayeds[k].sum()
+                yield planes, prompts, delayeds
 
-        def pooled(unit, counts_per_frame):
-            """Bin indices of ``sum(counts)`` i.i.d. draws from ``unit``, split by frame."""
-            m = int(counts_per_frame.sum())
-            if m == 0:
-                return [np.zeros(0, np.int64)] * len(batch)
-            cdf = np.cumsum(unit, dtype=np.float64)
-            idx = np.minimum(np.searchsorted(cdf, pool_rng.random(m) * cdf[-1], side="right"), unit.size - 1)
-            return np.split(idx, np.cumsum(counts_per_frame)[:-1])
+    def sinograms(self):
+        """All frames' ``prompts`` and ``delayeds`` in memory (small problems)."""
+        shape = (self.num_frames,) + self._shape(np.arange(self.sim.layout.num_planes))
+        dtype = np.int32 if self.noise else np.float32
+        out = {"prompts": np.zeros(shape, dtype), "delayeds": np.zeros(shape, dtype)}
+        for planes, p, d in self.blocks():
+            out["prompts"][:, planes] = p
+            out["delayeds"][:, planes] = d
+        return out
 
-        def sparse_of(idx):
-            u, c = np.unique(idx, return_counts=True)
-            return u.astype(np.int64), c.astype(np.int64)
+    def singles_counts(self):
+        """Expected singles per detector in each frame: ``σ ε_i A_k D_k``, shape ``(F, num_detectors)``."""
+        eff = self.sim.crystal_efficiencies * self.sim.layout.scanner.detector_mask()
+        return self.singles_scale * (self.activity_bq * self._d1)[:, None] * eff[None, :]
 
-        for ci, planes in enumerate(self.chunks):
-            trues, scatter = self._basis_unit_chunk(ci)
-            shape = (len(planes), self.layout.num_views, self.layout.num_radial) + ((ntof,) if self.tof is not None else ())
-            events = {k: {"t": [], "s": []} for k in batch}
-            for name, unit in (("t", trues), ("s", scatter)):
-                tot = unit.sum(axis=1, dtype=np.float64)
-                for r in range(unit.shape[0]):
-                    if tot[r] <= 0:
-                        continue
-                    counts = np.array([rngs[k].poisson(max(weights[r, j], 0.0) * tot[r]) for j, k in enumerate(batch)])
-                    for k, idx in zip(batch, pooled(unit[r], counts)):
-                        events[k][name].append(idx)
-            n = self.normalisation[planes].ravel()
-            nsum = float(n.sum(dtype=np.float64))
-            rand_counts = [np.array([rngs[k].poisson(rand_scale[j] * nsum) for j, k in enumerate(batch)]) for _ in range(2)]
-            rand_idx = []
-            for counts in rand_counts:
-                lors = pooled(n, counts)
-                if self.tof is not None:
-                    # Randoms are uniform over TOF bins.
-                    lors = [lo * ntof + pool_rng.integers(0, ntof, lo.size) for lo in lors]
-                rand_idx.append(lors)
-            for j, k in enumerate(batch):
-                ct = sparse_of(np.concatenate(events[k]["t"] or [np.zeros(0, np.int64)]))
-                cs = sparse_of(np.concatenate(events[k]["s"] or [np.zeros(0, np.int64)]))
-                cr = sparse_of(rand_idx[0][j])
-                cd = sparse_of(rand_idx[1][j])
-                self._collect(sparse[k], stats[k], counts_out, k, ci, shape, ct, cs, cr, cd)
-        for k in batch:
-            yield k, rngs[k], stats[k], sparse[k]
-
-    def write_sinograms(self, path, result, frame_index, frame_start_s, frame_end_s, exam=None):
-        """Write one frame of :meth:`simulate_sinograms` to a petbind sinogram file.
+    def write_h5(self, path, exam=None, corrections=None, dtype=None):
+        """Draw every block and write a petbind multi-frame sinogram file.
 
         Parameters
         ----------
         path : str or Path
-        result : dict
-            Output of :meth:`simulate_sinograms`.
-        frame_index : int
-        frame_start_s, frame_end_s : float
-            The frame's times (s after injection); stored relative to the scan start.
-        exam : petbind.recon.rawdata.schema.ExamInfo, optional
+        exam : ExamInfo, optional
+        corrections : ListmodeCorrections, optional
+        dtype : numpy dtype, optional
+            Storage type of the counts; default uint16 when
+            :meth:`max_count_bound` allows it, else uint32 (float32 without noise).
 
         Notes
         -----
-        Stores ``prompts`` and ``delayeds`` (counts), the crystal-efficiency
-        ``normalisation``, the ``attenuation`` factors and the expected
-        ``scatter`` (what a scatter estimate should recover).
+        Frame times are stored relative to the scan start.
         """
-        from petbind.recon.rawdata.sinograms import write_sinograms_h5
+        from petbind.recon.rawdata.sinograms import SinogramWriter  # noqa: PLC0415 - files only here
 
-        k = int(frame_index)
-        write_sinograms_h5(
-            path, self.layout, prompts=result["prompts"][k], delayeds=result["delayeds"][k],
-            normalisation=self.normalisation, attenuation=self.attenuation,
-            scatter=result["scatter"][k].astype(np.float32), tof=self.tof, exam=exam,
-            frame_start_s=float(frame_start_s) - self.scan_start_s, frame_duration_s=float(frame_end_s) - float(frame_start_s),
-        )
+        if dtype is None:
+            dtype = np.float32 if not self.noise else (np.uint16 if self.max_count_bound() < 65535 else np.uint32)
+        t0 = self.sim.scan_start_s
+        with SinogramWriter(path, self.sim.layout, self.frame_start_s - t0, self.frame_end_s - t0, tof=self.sim.tof,
+                            exam=exam, corrections=corrections, sinograms={"prompts": dtype, "delayeds": dtype},
+                            chunk_planes=self.sim.chunk_planes) as w:
+            for planes, p, d in self.blocks():
+                sl = slice(int(planes[0]), int(planes[-1]) + 1)
+                w.write("prompts", p, planes=sl)
+                w.write("delayeds", d, planes=sl)
 
-    def simulate_listmode(self, activity, frame_start_s, frame_end_s, seed=None, counts_out=None):
-        """Generate listmode events in time order, chunk by chunk.
+    # -- listmode -----------------------------------------------------------------------------------
+    def _bin_tables(self):
+        """Per plane: its ring pairs (padded with -1) for drawing detector pairs from bins."""
+        layout = self.sim.layout
+        order = np.argsort(layout.plane_of_ring_pair, kind="stable")
+        pairs = layout.ring_pairs[order]
+        plane = layout.plane_of_ring_pair[order]
+        counts = np.bincount(plane, minlength=layout.num_planes)
+        m = int(counts.max())
+        table = np.full((layout.num_planes, m, 2), -1, dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(plane.size) - first[plane]
+        table[plane, slot] = pairs
+        return table
+
+    def events(self, counts, seed=None):
+        """Expand binned counts into listmode events, frame by frame, in time order.
 
         Parameters
         ----------
-        activity : ndarray (x, y, z[, t]) or BasisActivity
-            Decay-corrected activity (Bq/mL) per frame.
-        frame_start_s, frame_end_s : array of float
-            Frame times (s after injection).
+        counts : callable
+            ``counts(k) -> (prompts, delayeds)``: integer sinograms of frame
+            ``k`` (shape ``layout.shape`` + TOF axis), e.g. drawn by
+            :meth:`blocks` and read back from the file it wrote.
         seed : int or SeedSequence, optional
-        counts_out : dict, optional
-            When given, receives ``prompts`` and ``delayeds`` count sinograms
-            (int64, leading frame axis) of the drawn events, for checks on
-            small problems (memory: two full sinograms per frame).
+            Stream of the expansion (times, ring pairs, the trues / randoms
+            split); default a child of the acquisition's seed.
 
         Yields
         ------
         EventChunk
-            At most ``max_events_per_chunk`` events each, time-ordered across chunks.
-
-        Notes
-        -----
-        :attr:`frame_stats` holds one :class:`FrameStats` per frame once the
-        frame has been emitted.
+            At most ``max_events_per_chunk`` events each, time-ordered across
+            chunks and frames.  Histogramming them gives back ``counts``.
         """
-        act, fs, fe = self._frames(activity, frame_start_s, frame_end_s)
-        totals = self._calibrate(act, fs, fe)
-        self.frame_stats = []
-        seeds = _seed_sequence(seed).spawn(fs.size)
-        ntof = self.tof.num_bins if self.tof is not None else 1
-        if counts_out is not None:
-            shape = (fs.size,) + self.layout.shape + ((ntof,) if self.tof is not None else ())
-            counts_out["prompts"] = np.zeros(shape, dtype=np.int64)
-            counts_out["delayeds"] = np.zeros(shape, dtype=np.int64)
-        # Bin -> detector ids: ring pair per plane and crystal pair per (view, radial).
-        pair_of_plane = np.empty((self.layout.num_planes, 2), dtype=np.int64)
-        pair_of_plane[self.layout.plane_of_ring_pair] = self.layout.ring_pairs
-        cpairs = self.layout.crystal_pairs().reshape(-1, 2)
-        ncr = self.layout.scanner.crystals_per_ring
-        lam = self.decay_constant_per_s
-        bar = tqdm(total=fs.size, desc="simulating listmode", disable=self.quiet)
-        for k, rng, stats, sparse in self._frame_counts(act, fs, fe, totals, seeds, counts_out):
-            bar.update(1)
-            sparse = {key: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for key, v in sparse.items()}
-            total_events = sum(int(c.sum()) for _, c in sparse.values())
-            num_slices = max(1, math.ceil(total_events / self.max_events_per_chunk))
-            edges = np.linspace(fs[k], fe[k], num_slices + 1)
-            rates = {"prompt_decay": lam, "prompt_randoms": 2 * lam, "delayed": 2 * lam}
+        sim = self.sim
+        layout = sim.layout
+        root = _child(self._seed, 1 << 30) if seed is None else (
+            seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed))
+        ntof = sim.num_tof_bins
+        nvr = layout.num_views * layout.num_radial
+        cpairs = layout.crystal_pairs().reshape(-1, 2)
+        ncr = layout.scanner.crystals_per_ring
+        eff = sim.crystal_efficiencies * layout.scanner.detector_mask()
+        ring_table = self._bin_tables()
+        lam = sim.decay_constant_per_s
+        rates = {"prompt_decay": lam, "prompt_randoms": 2 * lam, "delayed": 2 * lam}
+        for k in tqdm(range(self.num_frames), desc="expanding listmode", disable=sim.quiet, leave=False):
+            rng = np.random.default_rng(_child(root, k))
+            prompts, delayeds = counts(k)
+            prompts = np.asarray(prompts).reshape(-1)
+            delayeds = np.asarray(delayeds).reshape(-1)
+            want = layout.num_bins * ntof
+            if prompts.size != want or delayeds.size != want:
+                raise ValueError(f"counts of frame {k} have {prompts.size} and {delayeds.size} bins; expected {want}")
+            if np.asarray(prompts).dtype.kind not in "iu" or np.asarray(delayeds).dtype.kind not in "iu":
+                raise TypeError("listmode expansion needs integer counts (an acquisition with noise=True)")
+            ip = np.flatnonzero(prompts)
+            # Split each bin's prompts between trues + scatter (e^{-λt}) and randoms (e^{-2λt}).
+            ts = np.empty(0, np.float32)
+            r = np.empty(0, np.float32)
+            if ip.size:
+                ts_parts, r_parts = [], []
+                for ci in range(len(sim.chunks)):
+                    t_b, _, r_b = self._expected_block(ci, k, scatter=False)
+                    ts_parts.append(t_b[0])
+                    r_parts.append(r_b[0])
+                ts = np.concatenate(ts_parts)[ip].astype(np.float64)
+                r = np.concatenate(r_parts)[ip].astype(np.float64)
+            tot = ts + r
+            p_true = np.where(tot > 0, ts / np.where(tot > 0, tot, 1.0), 1.0)
+            n_true = rng.binomial(prompts[ip], p_true)
+            idl = np.flatnonzero(delayeds)
+            sparse = {
+                "prompt_decay": (ip, n_true),
+                "prompt_randoms": (ip, prompts[ip] - n_true),
+                "delayed": (idl, delayeds[idl].astype(np.int64)),
+            }
+            total_events = int(prompts.sum() + delayeds.sum())
+            num_slices = max(1, math.ceil(total_events / sim.max_events_per_chunk))
+            fs_k, fe_k = self.frame_start_s[k], self.frame_end_s[k]
+            edges = np.linspace(fs_k, fe_k, num_slices + 1)
             remaining = {key: c.copy() for key, (_, c) in sparse.items()}
             for si in range(num_slices):
                 parts = []
                 for key, (idx, _) in sparse.items():
                     mu = rates[key]
-                    w_slice = decay_integral(edges[si], edges[si + 1], mu)
-                    w_rest = decay_integral(edges[si], fe[k], mu)
-                    q = 1.0 if si == num_slices - 1 else min(1.0, float(w_slice / w_rest))
-                    take = rng.binomial(remaining[key], q) if q < 1.0 else remaining[key].copy()
+                    # Binomial thinning: events of this time slice, then times within it.
+                    if si == num_slices - 1:
+                        take = remaining[key].copy()
+                    else:
+                        q = min(1.0, float(decay_integral(edges[si], edges[si + 1], mu) / decay_integral(edges[si], fe_k, mu)))
+                        take = rng.binomial(remaining[key], q)
                     remaining[key] -= take
                     bins = np.repeat(idx, take)
                     times = sample_decay_times(rng, bins.size, edges[si], edges[si + 1], mu)
                     parts.append((bins, times, np.full(bins.size, key != "delayed")))
                 bins = np.concatenate([p[0] for p in parts])
+                if bins.size == 0:
+                    continue
                 times = np.concatenate([p[1] for p in parts])
                 prompt = np.concatenate([p[2] for p in parts])
                 order = np.argsort(times, kind="stable")
                 bins, times, prompt = bins[order], times[order], prompt[order]
                 lor = bins // ntof
-                tof_bin = (bins % ntof).astype(np.int16) if self.tof is not None else None
-                plane = lor // (self.layout.num_views * self.layout.num_radial)
-                vr = lor % (self.layout.num_views * self.layout.num_radial)
-                rings = pair_of_plane[plane]
-                cp = cpairs[vr]
+                tof_bin = (bins % ntof).astype(np.int16) if sim.tof is not None else None
+                plane = lor // nvr
+                cp = cpairs[lor % nvr]
+                cand = ring_table[plane]  # (n, M, 2) ring pairs of each event's plane
+                if cand.shape[1] == 1:
+                    rings = cand[:, 0]
+                else:
+                    ok = cand[..., 0] >= 0
+                    c0 = np.where(ok, cand[..., 0], 0)
+                    c1 = np.where(ok, cand[..., 1], 0)
+                    wgt = np.where(ok, eff[c0 * ncr + cp[:, None, 0]] * eff[c1 * ncr + cp[:, None, 1]], 0.0)
+                    cum = np.cumsum(wgt, axis=1)
+                    u = rng.random(bins.size) * cum[:, -1]
+                    j = np.minimum((cum <= u[:, None]).sum(axis=1), cand.shape[1] - 1)
+                    rings = cand[np.arange(bins.size), j]
                 ids = np.stack([rings[:, 0] * ncr + cp[:, 0], rings[:, 1] * ncr + cp[:, 1]], axis=1).astype(np.int32)
-                time_ms = (times - self.scan_start_s) * 1000.0
-                for j in range(0, max(bins.size, 1), self.max_events_per_chunk):
-                    sl = slice(j, j + self.max_events_per_chunk)
-                    if bins.size == 0:
-                        break
+                time_ms = (times - sim.scan_start_s) * 1000.0
+                for j0 in range(0, bins.size, sim.max_events_per_chunk):
+                    sl = slice(j0, j0 + sim.max_events_per_chunk)
                     yield EventChunk(k, ids[sl], None if tof_bin is None else tof_bin[sl], time_ms[sl], prompt[sl])
-            self.frame_stats.append(stats)
-            log.info(
-                "frame %d (%g-%g s): trues %d, scatter %d, randoms %d, delayeds %d",
-                k, fs[k], fe[k], stats.trues, stats.scatter, stats.randoms, stats.delayeds,
-            )
-        bar.close()
+
+    def write_listmode_h5(self, path, counts, exam=None, corrections=None):
+        """Expand ``counts`` (see :meth:`events`) into a petbind HDF5 listmode file.
+
+        Returns
+        -------
+        int
+            Number of events written.
+        """
+        from petbind.recon.rawdata.hdf5 import ListmodeWriter  # noqa: PLC0415 - files only here
+
+        n = 0
+        with ListmodeWriter(path, self.sim.layout.scanner, tof=self.sim.tof, exam=exam, corrections=corrections) as w:
+            for c in self.events(counts):
+                w.append(c.detector_ids, c.tof_bin, c.time_ms, c.is_prompt)
+                n += len(c)
+        return n

@@ -41,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 
 
 
@@ -333,6 +333,8 @@ class ListmodeCorrections:
 
 def write_scanner(group, scanner):
     group.attrs["name"] = scanner.name
+    if scanner.resolution_fwhm_mm is not None:
+        group.attrs["resolution_fwhm_mm"] = float(scanner.resolution_fwhm_mm)
     group.create_dataset("crystal_xy_mm", data=scanner.crystal_xy_mm)
     group.create_dataset("ring_z_mm", data=scanner.ring_z_mm)
     group.create_dataset("crystal_mask", data=scanner.crystal_mask)
@@ -345,8 +347,9 @@ def read_scanner(f, path):
     z = read_array(path, h5_dataset(f, path, "scanner/ring_z_mm", "f", 1))
     mask = read_array(path, h5_dataset(f, path, "scanner/crystal_mask", "bui", 1, (xy.shape[0],)))
     name = h5_attr(f, path, "scanner", "name", str, "scanner", required=False)
+    fwhm = h5_attr(f, path, "scanner", "resolution_fwhm_mm", float, None, required=False)
     try:
-        return Scanner(xy, z, mask.astype(bool), name=name)
+        return Scanner(xy, z, mask.astype(bool), name=name, resolution_fwhm_mm=fwhm)
     except ValueError as exc:
         raise field_error(path, "scanner", str(exc)) from exc
 
