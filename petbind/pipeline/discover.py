@@ -314,15 +314,15 @@ def open_raw(session):
             from petbind.recon.rawdata.hdf5 import ListmodeReader
 
             return ListmodeReader(session.raw)
-        from petbind.recon.rawdata.sinograms import read_sinograms_h5
+        from petbind.recon.rawdata.sinograms import SinogramReader
 
-        return read_sinograms_h5(session.raw)
+        return SinogramReader(session.raw)
     except (ValueError, FileNotFoundError, OSError, KeyError) as exc:
         msg = " ".join(str(exc).split())
         raise StudyInputError(msg if str(session.raw) in msg else f"{session.raw}: {msg}") from None
 
 
-def _check_raw(session, frames):
+def _check_raw(session, frames, options):
     raw = open_raw(session)
     exam = raw.exam
     hl = float(getattr(exam, "half_life_s", float("nan")))
@@ -336,6 +336,9 @@ def _check_raw(session, frames):
                           getattr(exam, "isotope", ""))
     except ValueError as exc:
         raise StudyInputError(str(exc)) from None
+    if session.kind == "sinograms" and options.frames is not None:
+        raise StudyInputError(f"--frames: {session.raw} holds sinograms binned in fixed frames; they cannot be "
+                              "re-framed (leave --frames out)")
     if session.kind == "listmode":
         if raw.num_events == 0:
             raise StudyInputError(f"{session.raw}: field 'listmode': the file holds no events")
@@ -400,7 +403,13 @@ def validate_study(study_dir, options):
     atlases = {}
     for s in sessions:
         frames, _ = read_session_frames(s, options.frames)
-        _check_raw(s, frames)
+        raw = _check_raw(s, frames, options)
+        if s.kind == "sinograms":
+            stored = raw.frames()
+            if options.frames is None and (len(stored) != len(frames) or not np.allclose(stored.start_s, frames.start_s)
+                                           or not np.allclose(stored.end_s, frames.end_s)):
+                raise StudyInputError(f"{s.sidecar}: fields 'FrameTimesStart'/'FrameDuration' disagree with the "
+                                      f"frames stored in {s.raw.name}")
         if s.subject not in atlases:
             atlas = load_atlas(s)
             names = set(atlas.region_names)

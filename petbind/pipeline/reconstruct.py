@@ -258,8 +258,8 @@ class _SinogramFrames:
         self.data, self.tof = data, tof
 
     def counts(self, frames, k):
-        prompts, delayeds = self.data.frame_counts(k)
-        prompts = np.asarray(prompts, dtype=np.float32)
+        prompts = np.asarray(self.data.prompts(k), dtype=np.float32)
+        delayeds = self.data.delayeds(k)
         if self.data.tof is not None and self.tof is None:
             prompts = prompts.sum(axis=-1)
         delayeds = np.asarray(delayeds, dtype=np.float32)
@@ -338,9 +338,7 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
         source = _ListmodeFrames(raw, layout, tof, device)
     else:
         layout = raw.layout
-        if options.frames is not None:
-            raise StudyInputError(f"--frames: {path} holds sinograms binned in fixed frames; they cannot be re-framed")
-        frames = raw.frames
+        frames = raw.frames()
         source = _SinogramFrames(raw, tof)
     check_field_of_view(atlas, grid, layout, path, regions)
     psf = psf_for(layout.scanner, options)
@@ -358,8 +356,13 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
     live = _live_fraction(corr, frames, path)
 
     m0 = (kappa * norm * attenuation).astype(np.float32)
+    subsets = int(options.subsets)
+    if subsets > layout.num_views:
+        log.warning("%s: %d subsets asked for, the layout has %d views: using %d subsets", path, subsets,
+                    layout.num_views, layout.num_views)
+        subsets = layout.num_views
     rec = SinogramOSEM(layout, grid, tof=tof, multiplicative=m0, resolution_fwhm_mm=psf,
-                       num_subsets=options.subsets, device=device)
+                       num_subsets=subsets, device=device)
     xp = rec.xp
     cache = out_path.parent / ".frames"
     cache.mkdir(parents=True, exist_ok=True)
@@ -428,7 +431,7 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
         "ReconMethodName": "OSEM",
         "ReconMethodParameterLabels": ["iterations", "subsets"],
         "ReconMethodParameterUnits": ["none", "none"],
-        "ReconMethodParameterValues": [int(options.iterations), int(options.subsets)],
+        "ReconMethodParameterValues": [int(options.iterations), subsets],
         "ReconFilterType": "none" if not psf else "Gaussian PSF model in the system matrix",
         "ReconFilterSize": float(np.max(psf)) if psf else 0.0,
         "ResolutionModelFWHM_mm": psf,
@@ -448,7 +451,8 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
         "PipelineProvenance": provenance or {},
     }
     if measure_resolution:
-        res = effective_resolution(layout, grid, psf, options, atlas, load_probseg(session, atlas), tof)
+        res = effective_resolution(layout, grid, psf, options.iterations, subsets, atlas,
+                                   load_probseg(session, atlas), tof, device)
         sidecar["EffectiveResolutionFWHM_mm"] = res["fwhm_mm"]
         sidecar["EffectiveResolution"] = res
     save_nifti(out_path, images, grid.affine, sidecar)
@@ -456,32 +460,29 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
     return sidecar
 
 
-def effective_resolution(layout, grid, psf, options, atlas, fractions=None, tof=None):
+def effective_resolution(layout, grid, psf, iterations, subsets, atlas, fractions=None, tof=None, device="auto"):
     """Measured effective resolution (FWHM, mm) of the reconstruction with these settings.
 
-    Two measurements, both by reconstructing noise-free data made with the
-    scanner's resolution (a scanner whose preset knows none is taken as
-    having none beyond the voxels) with the study's OSEM settings:
-
-    * ``fwhm_mm``, used for partial-volume correction: the Gaussian that best
-      maps a piecewise-constant object shaped like this atlas (random region
-      values) onto its reconstruction
-      (:func:`petbind.recon.resolution.matched_resolution`).  Extended
-      regions converge faster under OSEM than points, and this is what
-      regional means see;
-    * ``point_fwhm_mm``: Gaussian fits to point sources on a warm background
-      (:func:`petbind.recon.resolution.measure_resolution`), for the record.
+    Noise-free data of an object shaped like this atlas (tissue fractions
+    when given, random region values) are made with the scanner's resolution
+    (a scanner whose preset knows none is taken as having none beyond the
+    voxels) and reconstructed with the study's OSEM settings; ``fwhm_mm`` is
+    the Gaussian that best maps the object onto its reconstruction
+    (:func:`petbind.recon.resolution.matched_resolution`).  Point sources
+    (:func:`petbind.recon.resolution.measure_resolution`) converge more
+    slowly under OSEM than regions and overstate the blur regional means see
+    (``benchmarks/fidelity.py`` shows both), so they are not used here.
 
     Returns
     -------
     dict
     """
-    from petbind.recon.resolution import matched_resolution, measure_resolution
+    from petbind.recon.resolution import matched_resolution
 
     true = getattr(layout.scanner, "resolution_fwhm_mm", None)
     memo = (layout.scanner.name, layout.shape, layout.scanner.num_detectors, tuple(grid.shape),
             tuple(grid.voxel_size_mm), tuple(grid.origin_mm), _hashable(psf), _hashable(true),
-            int(options.iterations), int(options.subsets), tof is not None,
+            int(iterations), int(subsets), tof is not None,
             hash(atlas.labels.tobytes()), fractions is not None)
     if memo in _RESOLUTION_MEMO:
         return dict(_RESOLUTION_MEMO[memo])
@@ -494,16 +495,10 @@ def effective_resolution(layout, grid, psf, options, atlas, fractions=None, tof=
         for n in atlas.region_names:
             obj[atlas.labels == atlas.index_of(n)] = values[n]
     matched = matched_resolution(layout, grid, true, np.asarray(obj, np.float32), psf_fwhm_mm=psf,
-                                 num_iterations=options.iterations, num_subsets=options.subsets, tof=tof,
-                                 mask=atlas.labels > 0, device=options.device)
-    half = 0.35 * min(float(grid.shape[0] * grid.voxel_size_mm[0]), float(grid.shape[1] * grid.voxel_size_mm[1]))
-    points = measure_resolution(layout, grid, true, psf_fwhm_mm=psf, num_iterations=options.iterations,
-                                num_subsets=options.subsets, tof=tof,
-                                positions_mm=((0.0, 0.0, 0.0), (0.5 * half, 0.0, 0.0)),
-                                background_radius_mm=half * 1.4, device=options.device)
+                                 num_iterations=iterations, num_subsets=subsets, tof=tof,
+                                 mask=atlas.labels > 0, device=device)
     res = {"fwhm_mm": matched["fwhm_mm"], "method": "Gaussian matched to an atlas-shaped object",
-           "relative_rms": matched["relative_rms"], "point_fwhm_mm": points["fwhm_mm"],
-           "point_positions_mm": points["positions_mm"], "scanner_fwhm_mm": true}
+           "relative_rms": matched["relative_rms"], "scanner_fwhm_mm": true}
     _RESOLUTION_MEMO[memo] = dict(res)
     return res
 

@@ -26,6 +26,7 @@ Output (BIDS-like)::
         sub-01_sessions.tsv                session_id, hours_after_baseline, injected_activity_mbq
         anat/sub-01_atlas.nii.gz           majority labels on the simulation grid
         anat/sub-01_atlas.tsv              index, name
+        anat/sub-01_atlas_probseg.nii.gz   4-D tissue fractions, one volume per labelled region (index order)
         ses-baseline/pet/sub-01_ses-baseline_pet-sinograms.h5   multi-frame prompts + delayeds, corrections
         ses-baseline/pet/sub-01_ses-baseline_pet.json           PET-BIDS sidecar (frame times)
         ses-baseline/pet/sub-01_ses-baseline_pet-listmode.h5    (write_listmode)
@@ -577,6 +578,12 @@ def simulate_study(out_dir, config=None, phantom=None):
             img.header.set_xyzt_units("mm", "sec")
             _atomic_save_nifti(img, anat / f"{truth.subject}_atlas.nii.gz")
             _table(anat / f"{truth.subject}_atlas.tsv", atlas_rows, ["index", "name"])
+            # tissue fractions of every labelled region (a probabilistic segmentation, as from MRI):
+            # the activity is sum_l fraction_l * activity_l, so a PVC that models mixed voxels can be exact
+            labelled = sorted(i for i in on_grid.label_table if i > 0)
+            probseg = nib.Nifti1Image(np.moveaxis(on_grid.fractions[labelled], 0, -1).astype(np.float32), grid.affine)
+            probseg.header.set_xyzt_units("mm")
+            _atomic_save_nifti(probseg, anat / f"{truth.subject}_atlas_probseg.nii.gz")
             rows = [{"session_id": f"ses-{t.session}", "hours_after_baseline": t.hours_after_baseline,
                      "injected_activity_mbq": t.injected_activity_bq / 1e6} for t in by_subject[truth.subject]]
             _table(sub_dir / f"{truth.subject}_sessions.tsv", rows,

@@ -208,13 +208,17 @@ def kernel_signatures(name="joseph"):
         ``{kernel name: KernelSignature}`` in the order of the file.
     """
     path = KERNEL_DIR / f"{name}.cu"
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         kernel_source(name)  # raises with the list of sources
-    text = path.read_text()
-    key = (name, hashlib.sha256(text.encode()).hexdigest())
-    sigs = _signature_cache.get(key)
+        raise
+    # keyed by the file's identity, so a launch costs a stat, not a read and a hash of the source
+    stamp = (name, st.st_mtime_ns, st.st_size)
+    sigs = _signature_cache.get(stamp)
     if sigs is None:
-        sigs = _signature_cache[key] = parse_kernel_signatures(text, str(path))
+        text = path.read_text()
+        sigs = _signature_cache[stamp] = parse_kernel_signatures(text, str(path))
     return sigs
 
 
