@@ -133,34 +133,26 @@ def _slices_figure(volume, title, cmap="viridis", symmetric=False):
     return _png(fig)
 
 
-def _truth_section(study_dir, deriv_dir, options, fits):
-    """Estimated vs true BP_ND per session and region, and the groups' mean ΔBP_ND."""
-    _, truth = read_table_tsv(Path(study_dir) / "ground_truth.tsv", required=("subject", "session", "region", "bp_nd"))
-    true = {(r["subject"], r["session"], r["region"]): float(r["bp_nd"]) for r in truth}
-    group_of = {r["subject"]: r.get("group", "") for r in truth}
-    est = {}
-    for (sub, ses), path in fits.items():
-        _, rows = read_table_tsv(path)
-        for r in rows:
-            est[(sub, ses, r["region"])] = float(r["bp_nd"]) if r["bp_nd"] != "n/a" else math.nan
-    regions = sorted({k[2] for k in est})
-    b, p = f"ses-{options.baseline_session}", f"ses-{options.post_session}"
-    rows = []
-    for region in regions:
-        ratios = [est[k] / true[k] for k in est if k[2] == region and k in true and true[k] > 0]
-        row = [region, np.mean([true[k] for k in true if k[2] == region and k[1] == b] or [math.nan]),
-               np.mean([est[k] for k in est if k[2] == region and k[1] == b] or [math.nan]),
-               np.mean(ratios) if ratios else math.nan]
-        for g in options.groups:
-            subs = [s for s, gg in group_of.items() if gg == g]
-            dt = [true.get((s, p, region), math.nan) - true.get((s, b, region), math.nan) for s in subs]
-            de = [est.get((s, p, region), math.nan) - est.get((s, b, region), math.nan) for s in subs]
-            row += [np.nanmean(dt) if dt else math.nan, np.nanmean(de) if de else math.nan]
-        rows.append(row)
-    header = ["region", "true BP_ND (baseline)", "estimated", "est / true (all sessions)"]
-    for g in options.groups:
-        header += [f"true ΔBP_ND {g}", f"estimated ΔBP_ND {g}"]
-    return "<h2>Estimated vs true (simulated study)</h2>" + _table(header, rows)
+def _truth_section(study_dir, deriv_dir, options):
+    """Estimated vs true BP_ND and ΔBP_ND (group means) with the acceptance checks."""
+    from petbind.pipeline.truth import recovery_table, recovery_verdicts
+
+    groups = tuple(options.groups)
+    rows = recovery_table(study_dir, deriv_dir, options.model, groups, options.baseline_session,
+                          options.post_session)
+    header = ["region", "volume mL", "true BP_ND (baseline)", "estimated", "ratio"]
+    for g in groups:
+        header += [f"true ΔBP_ND {g}", f"estimated ΔBP_ND {g}", "SE"]
+    body = []
+    for r in rows:
+        line = [r.region + ("" if r.judged else " (not judged)"), r.volume_ml, r.true_baseline, r.est_baseline,
+                r.ratio]
+        for g in groups:
+            line += [r.true_delta[g], r.est_delta[g], r.se_delta[g]]
+        body.append(line)
+    checks = "".join(f"<li class='{'ok' if ok else 'flag'}'>{'ok' if ok else 'MISS'}: {html.escape(name)}"
+                     f"{'' if ok else ': ' + html.escape(detail)}</li>" for name, ok, detail in recovery_verdicts(rows, groups))
+    return "<h2>Estimated vs true (simulated study)</h2>" + _table(header, body) + f"<ul>{checks}</ul>"
 
 
 def write_report(study_dir, deriv_dir, options, outcomes, plan):
@@ -231,7 +223,7 @@ def write_report(study_dir, deriv_dir, options, outcomes, plan):
             parts.append("<h3>Group × time</h3>" + _tsv_table(gdir / "group_by_time.tsv"))
     if plan.has_ground_truth and fits:
         try:
-            parts.append(_truth_section(study_dir, deriv_dir, options, fits))
+            parts.append(_truth_section(study_dir, deriv_dir, options))
         except (ValueError, KeyError, OSError) as exc:
             log.warning("report: no estimated-vs-true table (%s)", exc)
 
