@@ -42,23 +42,32 @@ import numpy as np  # noqa: E402
 log = logging.getLogger("fidelity")
 
 
-def build(args):
-    """Truth, activity basis, simulator and atlas of the benchmark study."""
+def study_config(args):
+    """The benchmark study: the demo's set-up (demo-small scanner, 12 frames), one drug-group subject
+    with the same relative change in every region."""
     from dataclasses import replace
-
-    from petbind.core.frames import Frames
-    from petbind.recon.geometry import SinogramLayout
-    from petbind.sim.acquisition import ListmodeSimulator, random_crystal_efficiencies
-    from petbind.sim.kinetics import AZ10419369_REFERENCE, FengInput, frame_times_s, simulate_regional_tacs
-    from petbind.sim.phantom import BrainPhantom, load_brain_phantom, resample_phantom
-    from petbind.sim.study import _study_grid, study_truth  # noqa: PLC2701 - benchmark reuses the study set-up
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
     from demo import demo_config
 
     cfg = demo_config(num_subjects=1, device="cpu", quiet=True, seed=args.seed)
-    cfg = replace(cfg, drug_effect={n: args.effect for n in cfg.regions}, resolution_fwhm_mm=args.scanner_fwhm_mm,
-                  model=args.kinetics, sensitivity_cps_per_kbq=args.sensitivity)
+    cfg = replace(cfg, drug_effect={n: args.effect for n, rk in cfg.regions.items() if rk.bp_nd > 0}, model=args.kinetics,
+                  sensitivity_cps_per_kbq=args.sensitivity)
+    if args.scanner_fwhm_mm is not None:
+        cfg = replace(cfg, resolution_fwhm_mm=args.scanner_fwhm_mm)
+    return cfg.resolved()
+
+
+def build(args):
+    """Truth, activity basis, simulator and atlas of the benchmark study (as petbind.sim.study builds them)."""
+    from petbind.core.frames import Frames
+    from petbind.recon.geometry import SinogramLayout
+    from petbind.sim.acquisition import AcquisitionSimulator, random_crystal_efficiencies
+    from petbind.sim.kinetics import AZ10419369_REFERENCE, FengInput, frame_times_s, simulate_regional_tacs
+    from petbind.sim.phantom import BrainPhantom, load_brain_phantom, resample_phantom
+    from petbind.sim.study import _study_grid, study_truth  # noqa: PLC2701 - benchmark reuses the study set-up
+
+    cfg = study_config(args)
     ph = load_brain_phantom()
     shifted = BrainPhantom(ph.labels, ph.label_table, ph.mu_map_per_mm, ph.affine.copy())
     shifted.affine[:3, 3] += np.asarray(cfg.head_offset_mm, float)
@@ -68,12 +77,12 @@ def build(args):
     basis = np.stack([on_grid.fractions[on_grid.index_of(n)] for n in active]).astype(np.float32)
     _, sessions = study_truth(cfg)
     fs, fe = frame_times_s(cfg.frame_durations_s)
-    layout = SinogramLayout(cfg.scanner, cfg.num_radial, max_ring_difference=cfg.max_ring_difference)
+    layout = SinogramLayout(cfg.scanner, cfg.num_radial, cfg.max_ring_difference, cfg.span)
     eff = random_crystal_efficiencies(cfg.scanner, np.random.default_rng(1), cfg.crystal_efficiency_spread)
-    sim = ListmodeSimulator(layout, grid, on_grid.mu_map_per_mm, crystal_efficiencies=eff,
-                            scatter_fraction=cfg.scatter_fraction, randoms_fraction=cfg.randoms_fraction,
-                            resolution_fwhm_mm=args.scanner_fwhm_mm, sensitivity_cps_per_kbq=cfg.sensitivity_cps_per_kbq,
-                            device="cpu", quiet=True)
+    sim = AcquisitionSimulator(layout, grid, on_grid.mu_map_per_mm, crystal_efficiencies=eff,
+                               scatter_fraction=cfg.scatter_fraction, randoms_fraction=cfg.randoms_fraction,
+                               resolution_fwhm_mm=cfg.resolution_fwhm_mm,
+                               sensitivity_cps_per_kbq=cfg.sensitivity_cps_per_kbq, device="cpu", quiet=True)
     tacs = []
     for truth in sessions:
         plasma = FengInput().scaled(truth.injected_activity_bq / 400e6)
@@ -81,7 +90,8 @@ def build(args):
                                    reference=AZ10419369_REFERENCE)
         tacs.append(np.stack([t.tacs[n] for n in active]))  # (regions, frames)
     return dict(cfg=cfg, grid=grid, atlas=on_grid, active=active, basis=basis, sessions=sessions, fs=fs, fe=fe,
-                layout=layout, sim=sim, tacs=tacs, frames=Frames.from_edges(fs, fe))
+                layout=layout, sim=sim, tacs=tacs, frames=Frames.from_edges(fs, fe),
+                scanner_fwhm_mm=float(np.max(sim.resolution.fwhm_mm)) if sim.resolution is not None else 0.0)
 
 
 def atlas_means(images, labels, names, atlas):
@@ -118,8 +128,11 @@ def main(argv=None):
     p.add_argument("--kinetics", default="srtm", choices=("srtm", "2tcm"))
     p.add_argument("--reference", default="cerebellum")
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--subsets", type=int, default=8)
-    p.add_argument("--scanner-fwhm-mm", type=float, default=8.0, help="true resolution of the simulated scanner")
+    p.add_argument("--subsets", type=int, default=24)
+    p.add_argument("--scanner-fwhm-mm", type=float, default=None,
+                   help="true resolution of the simulated scanner (default: the preset's)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also run petbind-study (its own scatter, randoms and resolution estimates) on the same study")
     p.add_argument("--sensitivity", type=float, default=10.0, help="cps/kBq (count level of the Poisson stage)")
     p.add_argument("--effect", type=float, default=0.2, help="drug effect in every region (fraction)")
     p.add_argument("--seed", type=int, default=7)
@@ -136,6 +149,7 @@ def main(argv=None):
 
     t0 = time.time()
     b = build(args)
+    args.scanner_fwhm_mm = b["scanner_fwhm_mm"]
     grid, on, active, fs, fe = b["grid"], b["atlas"], b["active"], b["fs"], b["fe"]
     labels = on.labels
     names = [n for n in active if np.any(labels == on.index_of(n)) and n not in ("scalp", "skull", "csf", "ventricles")]
@@ -159,17 +173,17 @@ def main(argv=None):
     images = [np.moveaxis(np.tensordot(tac.T, b["basis"], axes=1), 0, -1) for tac in b["tacs"]]
     t = time.time()
     record("voxels", [atlas_means(im, labels, names, on) for im in images], t)
-    blur = GaussianFilter(grid, args.scanner_fwhm_mm)
+    blur = GaussianFilter(grid, b["scanner_fwhm_mm"])
     blurred = [np.stack([blur.forward(im[..., k].astype(np.float32)) for k in range(im.shape[-1])], axis=-1)
                for im in images]
     t = time.time()
     record("blur", [atlas_means(im, labels, names, on) for im in blurred], t)
     t = time.time()
-    record("blur+gtm(true)", [gtm_tacs(im, labels, names, atlas, args.scanner_fwhm_mm, grid.voxel_size_mm)
+    record("blur+gtm(true)", [gtm_tacs(im, labels, names, atlas, b["scanner_fwhm_mm"], grid.voxel_size_mm)
                               for im in blurred], t)
     fractions = {n: on.fractions[i] for i, n in on.label_table.items() if i > 0}
     t = time.time()
-    record("blur+gtmfrac(true)", [gtm_tacs(im, labels, names, atlas, args.scanner_fwhm_mm, grid.voxel_size_mm,
+    record("blur+gtmfrac(true)", [gtm_tacs(im, labels, names, atlas, b["scanner_fwhm_mm"], grid.voxel_size_mm,
                                            fractions) for im in blurred], t)
     rng = np.random.default_rng(11)
     test_object = sum(float(rng.uniform(1.0, 3.0)) * f for f in fractions.values()).astype(np.float32)
@@ -186,17 +200,17 @@ def main(argv=None):
     for si, tac in enumerate(b["tacs"]):
         data.append(sim.simulate_sinograms(BasisActivity(b["basis"], tac), fs, fe, seed=100 + si))
     timings["simulate"] = time.time() - t
-    for psf_model in ((None, args.scanner_fwhm_mm) if args.psf == "both" else
-                      ((None,) if args.psf == "off" else (args.scanner_fwhm_mm,))):
+    for psf_model in ((None, b["scanner_fwhm_mm"]) if args.psf == "both" else
+                      ((None,) if args.psf == "off" else (b["scanner_fwhm_mm"],))):
         rec = SinogramOSEM(b["layout"], grid, multiplicative=m0, resolution_fwhm_mm=psf_model,
                            num_subsets=args.subsets, device="cpu")
         tag = "psf" if psf_model else "nopsf"
         t = time.time()
-        res = measure_resolution(b["layout"], grid, args.scanner_fwhm_mm, psf_fwhm_mm=psf_model,
+        res = measure_resolution(b["layout"], grid, b["scanner_fwhm_mm"], psf_fwhm_mm=psf_model,
                                  num_iterations=max(args.iterations), num_subsets=args.subsets, device="cpu")
         matched = {}
         for it in args.iterations:
-            matched[it] = matched_resolution(b["layout"], grid, args.scanner_fwhm_mm, test_object,
+            matched[it] = matched_resolution(b["layout"], grid, b["scanner_fwhm_mm"], test_object,
                                              psf_fwhm_mm=psf_model, num_iterations=it, num_subsets=args.subsets,
                                              mask=labels > 0, device="cpu")
             log.warning("%s at %d it: matched FWHM %s (rms %.3f)", tag, it, np.round(matched[it]["fwhm_mm"], 2).tolist(),
@@ -233,11 +247,35 @@ def main(argv=None):
                                                              grid.voxel_size_mm) for im in per_iter[it]], tt)
             timings[f"recon-{kind}-{tag}"] = time.time() - t
 
+    if args.pipeline:
+        # the whole pipeline on the same study written to files: its own scatter, randoms, κ and resolution
+        import tempfile
+
+        from petbind.pipeline.options import PipelineOptions
+        from petbind.pipeline.run import run_pipeline
+        from petbind.sim.study import simulate_study
+
+        t = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            simulate_study(os.path.join(tmp, "raw"), b["cfg"])
+            opts = PipelineOptions(device="cpu", quiet=True, subsets=args.subsets, iterations=max(args.iterations),
+                                   groups=("drug",), n_permutations=10, exclude_regions=("scalp", "skull"))
+            run_pipeline(os.path.join(tmp, "raw"), os.path.join(tmp, "deriv"), opts)
+            pipe = []
+            for ses in ("baseline", "postdose"):
+                from petbind.core.files import read_table_tsv
+
+                _, rows = read_table_tsv(os.path.join(tmp, "deriv", "sub-01", f"ses-{ses}", "pet",
+                                                      f"sub-01_ses-{ses}_desc-srtm_bpnd.tsv"))
+                pipe.append({r["region"]: float(r["bp_nd"]) for r in rows})
+        results[f"pipeline (petbind-study, {max(args.iterations)}x{args.subsets})"] = pipe
+        timings["pipeline"] = time.time() - t
+
     # ---- tables
     stages = list(results)
     targets = [n for n in names if n != ref]
     print(f"\nBP_ND recovery (estimated / true), baseline; model {args.model}, kinetics {args.kinetics}, "
-          f"scanner FWHM {args.scanner_fwhm_mm} mm, voxels {grid.voxel_size_mm[0]:g} mm, "
+          f"scanner FWHM {args.scanner_fwhm_mm:g} mm, voxels {grid.voxel_size_mm[0]:g} mm, "
           f"{args.subsets} subsets, {args.sensitivity:g} cps/kBq")
     _print(targets, vol, stages, lambda s, n: results[s][0][n] / true_bp[0][n])
     print("\nΔBP_ND recovery (estimated change / true change)")
