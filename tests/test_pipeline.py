@@ -123,7 +123,8 @@ def test_bpnd_recovery(tiny):
     per region and session holds that bias plus three standard deviations of
     noise.  The simulated +30 % change in two regions must be detected with
     the right sign and within 40 % of its size; the unchanged regions must
-    not move by more than 10 % of their BP_ND.
+    not move by more than 15 % of their BP_ND (three SD of the 3-5 % error of
+    one subject's change measured with the demo's sessions).
     """
     raw, out = tiny
     truth = _truth(raw)
@@ -141,7 +142,7 @@ def test_bpnd_recovery(tiny):
         if region in EFFECT:
             assert d_est > 0 and abs(d_est - d_true) <= 0.4 * abs(d_true), (region, d_est, d_true)
         else:
-            assert abs(d_est - d_true) <= 0.10 * truth[("ses-baseline", region)], (region, d_est, d_true)
+            assert abs(d_est - d_true) <= 0.15 * truth[("ses-baseline", region)], (region, d_est, d_true)
 
 
 def test_listmode_input_gives_the_same_images(tiny, tmp_path):
@@ -162,8 +163,12 @@ def test_listmode_input_gives_the_same_images(tiny, tmp_path):
         np.testing.assert_allclose(a.get_fdata(), b.get_fdata(), rtol=1e-5, atol=1e-5 * b.get_fdata().max())
 
 
-def test_resume_skips_and_force_redoes(tiny, caplog):
-    raw, out = tiny
+def test_resume_skips_and_force_redoes(tiny, caplog, tmp_path):
+    import shutil
+
+    raw, done = tiny
+    out = tmp_path / "deriv"
+    shutil.copytree(done, out)  # the module's results stay as the serial reference of the Dask test
     fit = out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_desc-srtm_bpnd.tsv"
     pet = out / "sub-01" / "ses-baseline" / "pet" / "sub-01_ses-baseline_rec-osem_pet.nii.gz"
     before = (fit.stat().st_mtime_ns, pet.stat().st_mtime_ns)

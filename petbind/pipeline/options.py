@@ -253,7 +253,8 @@ def stage_key(stage, settings, inputs=(), upstream=None):
         "Stage": stage,
         "PipelineVersion": PIPELINE_VERSION,
         "Settings": settings,
-        "Inputs": {str(p): file_checksum(p) for p in inputs},
+        # by file name, not path: a study folder that is moved or copied keeps its keys
+        "Inputs": {Path(p).name: file_checksum(p) for p in inputs},
         "Upstream": upstream,
     }
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from petbind.recon.geometry import Scanner, TOFParameters
 from petbind.recon.rawdata.schema import (
     FORMAT_VERSION,
     ExamInfo,
+    H5FileWriter,
     ListmodeChunk,
     ListmodeCorrections,
     check_version,
@@ -48,7 +49,7 @@ __all__ = ["ListmodeWriter", "ListmodeReader"]
 log = logging.getLogger(__name__)
 
 
-class ListmodeWriter:
+class ListmodeWriter(H5FileWriter):
     """Stream coincidence events into a petbind HDF5 listmode file.
 
     Parameters
@@ -201,24 +202,6 @@ class ListmodeWriter:
             raise
         self._closed = True
         log.info("wrote %d events to %s", self.num_events, self.path)
-
-    def _abort(self):
-        self._closed = True
-        try:
-            if getattr(self, "_file", None) is not None:
-                self._file.close()
-        finally:
-            self._atomic.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self._abort()
-        return False
 
 
 class ListmodeReader:

@@ -693,7 +693,6 @@ def write_interfile_sinogram(path, data, layout, exam=None, tof=None, frame_star
         raise ValueError(f"{path}: sinogram has shape {data.shape}; expected {want} (plane, view, radial[, tof]) for {layout}")
     kind, nbytes = _format_of(data.dtype)
     pd = _projdata_for_layout(layout, tof, path)
-    sc = layout.scanner
     ntof = pd.num_tof_bins
     data_path = _data_path_for(path, ".s")
     lst = lambda values: "{ " + ",".join(str(v) for v in values) + "}"  # noqa: E731

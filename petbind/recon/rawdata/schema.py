@@ -23,6 +23,7 @@ from petbind.recon.geometry import Scanner, TOFParameters
 
 __all__ = [
     "FORMAT_VERSION",
+    "H5FileWriter",
     "ExamInfo",
     "ListmodeChunk",
     "ListmodeCorrections",
@@ -485,3 +486,30 @@ def validate_events(where, scanner, tof, detector_ids, tof_bin, time_ms, is_prom
     if int(k.min()) < 0 or int(k.max()) >= tof.num_bins:
         raise ValueError(f"{where}: field 'tof_bin' out of range [{int(k.min())}, {int(k.max())}]; expected 0 <= k < {tof.num_bins}")
     return ids, k.astype(np.int16, copy=False), t, p
+
+
+class H5FileWriter:
+    """Shared end of life of petbind's HDF5 writers: a ``with`` block commits, an error discards.
+
+    Subclasses open ``self._file`` on ``self._atomic.tmp_path`` (an
+    :class:`~petbind.core.files.atomic_output`) and define ``close()``, which
+    commits; whatever fails before that leaves no file behind.
+    """
+
+    def _abort(self):
+        self._closed = True
+        try:
+            if getattr(self, "_file", None) is not None:
+                self._file.close()
+        finally:
+            self._atomic.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+        return False

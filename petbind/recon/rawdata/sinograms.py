@@ -38,6 +38,7 @@ from petbind.recon.geometry import SinogramLayout, TOFParameters
 from petbind.recon.rawdata.schema import (
     FORMAT_VERSION,
     ExamInfo,
+    H5FileWriter,
     ListmodeCorrections,
     check_version,
     field_error,
@@ -130,7 +131,7 @@ class SinogramData:
         return Frames.from_edges(self.frame_start_s, self.frame_end_s)
 
 
-class SinogramWriter:
+class SinogramWriter(H5FileWriter):
     """Write a multi-frame sinogram file block by block.
 
     Parameters
@@ -294,24 +295,6 @@ class SinogramWriter:
             raise
         self._closed = True
         log.info("wrote %d frames of %s to %s", self.num_frames, sorted(self._ds), self.path)
-
-    def _abort(self):
-        self._closed = True
-        try:
-            if getattr(self, "_file", None) is not None:
-                self._file.close()
-        finally:
-            self._atomic.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self._abort()
-        return False
 
 
 def _as_slice(value, size, what):

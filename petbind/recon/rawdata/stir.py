@@ -434,7 +434,6 @@ class StirProjData:
         """
         self.check_crystal_pairs()
         seg = self.segments[segment_index]
-        n = self.num_detectors
         nv, nr = layout.num_views, layout.num_radial
         dp = self.detector_pairs().reshape(-1, 2)
         c = self.to_petbind_crystal(dp)
