@@ -97,51 +97,48 @@ static inline T pb_redirect(T arg, float*, float*) {
 static inline float* pb_redirect(float* arg, float* from, float* to) { return arg == from ? to : arg; }
 
 // Like pb_launch for kernels that scatter-add into `output` (output_size
-// floats).  A float atomic on a CPU is a compare-and-swap loop, so when the
-// copies fit in memory each OpenMP thread accumulates into a private zeroed
-// copy, and the copies are summed at the end; otherwise atomics are used.
+// floats).  A float atomic on a CPU is a compare-and-swap loop, so the blocks
+// are split into a fixed number of contiguous chunks, each accumulated in
+// block order into its own zeroed copy of the output by whichever thread
+// takes it, and the copies are summed in chunk order at the end.  The number
+// of chunks depends only on the output size, never on the number of threads,
+// so the result is bit for bit the same with 1 thread or 64 (a study spread
+// over Dask workers equals a serial run).  Beyond the memory budget the
+// kernel runs with OpenMP atomics (then the order, and the last bits, vary).
 template <typename Kernel, typename... Args>
 static void pb_launch_accumulate(Kernel kernel, long long count, float* output, long long output_size,
                                  Args... args) {
-    int num_threads = 1;
-#ifdef _OPENMP
-    num_threads = omp_get_max_threads();
-#endif
-    const long long budget_floats = 1LL << 27;  // 512 MiB of private copies at most
-    if (num_threads == 1) {  // the calling thread runs the loop alone: no atomics needed
-        pb_private_output = true;
-        pb_launch(kernel, count, args...);
-        pb_private_output = false;
-        return;
-    }
-    if ((long long)num_threads * output_size > budget_floats) {
+    const long long budget_floats = 1LL << 27;  // 512 MiB of copies at most
+    long long num_chunks = 16;
+    while (num_chunks > 1 && num_chunks * output_size > budget_floats) num_chunks /= 2;
+    if (num_chunks * output_size > budget_floats) {
         pb_launch(kernel, count, args...);
         return;
     }
-    std::vector<float> copies((size_t)num_threads * (size_t)output_size, 0.0f);
     const long long num_blocks = (count + pb_host_block - 1) / pb_host_block;
-#pragma omp parallel num_threads(num_threads)
+    const long long per_chunk = (num_blocks + num_chunks - 1) / num_chunks;
+    std::vector<float> copies((size_t)num_chunks * (size_t)output_size, 0.0f);
+#pragma omp parallel
     {
-        int me = 0;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-#endif
-        float* mine = copies.data() + (size_t)me * (size_t)output_size;
         pb_private_output = true;
-#pragma omp for schedule(dynamic, 8)
-        for (long long b = 0; b < num_blocks; ++b) {
-            blockIdx.x = (unsigned int)b;
-            blockDim.x = pb_host_block;
-            for (unsigned int t = 0; t < pb_host_block; ++t) {
-                threadIdx.x = t;
-                kernel(pb_redirect(args, output, mine)...);
+#pragma omp for schedule(dynamic, 1)
+        for (long long c = 0; c < num_chunks; ++c) {
+            float* mine = copies.data() + (size_t)c * (size_t)output_size;
+            const long long stop = (c + 1) * per_chunk < num_blocks ? (c + 1) * per_chunk : num_blocks;
+            for (long long b = c * per_chunk; b < stop; ++b) {
+                blockIdx.x = (unsigned int)b;
+                blockDim.x = pb_host_block;
+                for (unsigned int t = 0; t < pb_host_block; ++t) {
+                    threadIdx.x = t;
+                    kernel(pb_redirect(args, output, mine)...);
+                }
             }
         }
         pb_private_output = false;
 #pragma omp for schedule(static)
         for (long long v = 0; v < output_size; ++v) {
             float sum = 0.0f;
-            for (int k = 0; k < num_threads; ++k) sum += copies[(size_t)k * (size_t)output_size + v];
+            for (long long k = 0; k < num_chunks; ++k) sum += copies[(size_t)k * (size_t)output_size + v];
             output[v] += sum;
         }
     }
