@@ -86,7 +86,7 @@ def test_listmode_frames_give_4d_image(scan, tmp_path):
 
 def test_sinogram_inputs_hdf5_and_stir_interfile_reconstruct_the_same(scan, tmp_path):
     h5 = tmp_path / "s.h5"
-    write_sinograms_h5(h5, scan["layout"], prompts=scan["counts"], exam=scan["exam"], frame_start_s=0.0, frame_duration_s=20.0)
+    write_sinograms_h5(h5, scan["layout"], [0.0], [20.0], prompts=scan["counts"][None], exam=scan["exam"])
     hs = tmp_path / "s.hs"
     write_interfile_sinogram(hs, scan["counts"], scan["layout"], exam=scan["exam"], frame_start_s=0.0, frame_duration_s=20.0)
     args = ["--iterations", "2", "--subsets", "4", "--device", "cpu", "--quiet"]
@@ -120,7 +120,7 @@ def test_mmr_listmode_header_runs(tmp_path):
     (lambda d: (d / "t.txt").write_text("hello") and d / "t.txt", [], "t.txt: not a petbind HDF5"),
     (lambda d: write_interfile_image(d / "i.hv", np.zeros((3, 3, 3), np.float32), np.eye(4)) or d / "i.hv", [],
      "i.hv: field '!PET data type'"),
-    (lambda d: d / "s.hs", ["--frames", "2x10s"], "--frames '2x10s': a sinogram input holds one frame"),
+    (lambda d: d / "s.hs", ["--frames", "2x10s"], "holds sinograms binned in fixed frames"),
 ])
 def test_bad_input_exits_2_with_one_line(scan, tmp_path, capsys, make, extra, match):
     write_interfile_sinogram(tmp_path / "s.hs", scan["counts"], scan["layout"])

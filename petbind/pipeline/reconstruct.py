@@ -49,9 +49,10 @@ from petbind.recon.corrections import (
     normalisation_factors,
     point_source_kappa,
     radial_bin_mm,
+    resample_to_grid,
 )
 
-__all__ = ["grid_of", "resample_to_grid", "layout_for", "check_field_of_view", "calibration_kappa",
+__all__ = ["grid_of", "layout_for", "check_field_of_view", "calibration_kappa",
            "psf_for", "reconstruct_session", "effective_resolution"]
 
 log = logging.getLogger(__name__)
@@ -65,33 +66,6 @@ def grid_of(atlas):
         return ImageGrid.from_affine(atlas.labels.shape, atlas.affine)
     except ValueError as exc:
         raise StudyInputError(f"{atlas.path}: affine: {exc}") from None
-
-
-def resample_to_grid(volume, affine, grid, order=1):
-    """Resample a 3-D image given on ``affine`` onto ``grid`` (spline ``order``, 0 outside).
-
-    Parameters
-    ----------
-    volume : ndarray, shape (x, y, z)
-    affine : ndarray, shape (4, 4)
-        RAS+ mm affine of ``volume``.
-    grid : ImageGrid
-    order : int
-        Spline order (1: trilinear).
-
-    Returns
-    -------
-    ndarray of float32, shape grid.shape
-    """
-    import nibabel as nib
-    from nibabel.processing import resample_from_to
-
-    affine = np.asarray(affine, dtype=float)
-    if volume.shape == tuple(grid.shape) and np.allclose(affine, grid.affine, atol=1e-4):
-        return np.asarray(volume, dtype=np.float32)
-    src = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine)
-    out = resample_from_to(src, (tuple(grid.shape), grid.affine), order=order, mode="constant", cval=0.0)
-    return np.asarray(out.dataobj, dtype=np.float32)
 
 
 def _event_layout_range(reader, max_events=2_000_000):

@@ -85,6 +85,7 @@ class Source:
     lor_end: Optional[np.ndarray] = None
     frame_start_s: float = 0.0
     frame_duration_s: float = float("nan")
+    frames: object = None  # sinogram input: petbind.core.frames.Frames of the stored frames
     default_span: int = 1
     manufacturer: str = "n/a"
     notes: list = field(default_factory=list)
@@ -166,13 +167,15 @@ def _open_h5(path):
         r = ListmodeReader(path)
         return Source(path, "listmode", "petbind HDF5 listmode", r.scanner, r.tof, r.exam, r, r.corrections)
     if kind == "sinograms":
+        from petbind.core.frames import Frames  # noqa: PLC0415
+
         s = read_sinograms_h5(path)
         if s.prompts is None:
             raise InputError(f"{path}: field 'sinograms/prompts' is missing; nothing to reconstruct")
         return Source(path, "sinogram", "petbind HDF5 sinograms", s.layout.scanner, s.tof, s.exam, layout=s.layout,
                       prompts=s.prompts, delayeds=s.delayeds, scatter=s.scatter, normalisation=s.normalisation,
-                      attenuation=s.attenuation, frame_start_s=s.frame_start_s if math.isfinite(s.frame_start_s) else 0.0,
-                      frame_duration_s=s.frame_duration_s)
+                      attenuation=s.attenuation, corrections=getattr(s, "corrections", None),
+                      frames=Frames.from_edges(s.frame_start_s, s.frame_end_s, f"{path}: field 'frames'"))
     raise InputError(f"{path}: field 'petbind_kind' is {kind!r}; expected 'listmode' or 'sinograms'")
 
 
@@ -184,7 +187,7 @@ def _open_interfile(path):
         raise InputError(f"{path}: field '!PET data type' says this is an image; petbind-recon needs projection data")
     s = read_interfile_sinogram(path)
     src = Source(path, "sinogram" if s.layout is not None else "lors", "STIR Interfile", s.projdata.scanner(), s.tof,
-                 layout=s.layout, prompts=s.data, measured=s.measured)
+                 layout=s.layout, prompts=s.data[None], measured=s.measured)  # one frame
     if s.layout is None:
         src.lor_start, src.lor_end = s.lor_endpoints_mm()
     dur = h.get("image duration (sec)[1]")
@@ -194,6 +197,10 @@ def _open_interfile(path):
         src.frame_start_s = float(start) if start not in (None, "") else 0.0
     except ValueError:
         raise InputError(f"{path}: field 'image duration (sec)[1]' / 'image relative start time (sec)[1]' is not a number") from None
+    dur_ok = math.isfinite(src.frame_duration_s) and src.frame_duration_s > 0
+    src.frames = _single_frame(src.frame_start_s, src.frame_duration_s if dur_ok else 1.0)
+    if not dur_ok:
+        src.notes.append("no frame duration in the input: taken as 1 s")
     isotope = str(h.get("radionuclide name[1]", h.get("isotope name", "")) or "")
     half = h.get("radionuclide halflife (sec)[1]", h.get("isotope gamma halflife (sec)"))
     try:
@@ -244,20 +251,6 @@ def default_num_radial(scanner, grid):
     return int(min(2 * k + 1, n - 1))
 
 
-def _resample(volume, affine, grid):
-    from scipy import ndimage  # noqa: PLC0415
-
-    m = np.linalg.solve(np.asarray(affine, float), grid.affine)
-    return ndimage.affine_transform(np.asarray(volume, np.float32), m[:3, :3], m[:3, 3], output_shape=grid.shape,
-                                    order=1, mode="constant", cval=0.0)
-
-
-def decay_integral_s(start_s, end_s, half_life_s):
-    """``∫ exp(-λ t) dt`` over ``[start_s, end_s]`` (s after injection)."""
-    lam = math.log(2.0) / half_life_s
-    return math.exp(-lam * start_s) * -math.expm1(-lam * (end_s - start_s)) / lam
-
-
 # ------------------------------------------------------------------------------------------------
 # reconstruction
 # ------------------------------------------------------------------------------------------------
@@ -302,12 +295,12 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
     """
     from petbind.core.device import to_numpy  # noqa: PLC0415
     from petbind.recon.geometry import SinogramLayout  # noqa: PLC0415
-    from petbind.core.frames import Frames
+    from petbind.core.decay import decay_constant_per_s, decay_integral
     from petbind.recon.listmode import histogram_listmode
     from petbind.recon.osem import SinogramOSEM, osem  # noqa: PLC0415
     from petbind.recon.projector import SinogramProjector  # noqa: PLC0415
     from petbind.recon.system import LORProjector, SystemModel
-    from petbind.recon.corrections import attenuation_factors, normalisation_factors
+    from petbind.recon.corrections import attenuation_factors, normalisation_factors, resample_to_grid
 
     grid = default_grid(src.scanner, voxel_size_mm, fov_mm)
     applied, missing = {}, {}
@@ -340,21 +333,17 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
         if span is not None or max_ring_difference is not None:
             log.warning("%s: --span / --max-ring-difference are ignored for sinogram input (the file's layout is used)", src.path)
         if frames:
-            try:
-                fr = Frames.from_string(frames) if isinstance(frames, str) else frames
-            except ValueError as exc:
-                raise InputError(f"--frames {frames!r}: {exc}") from None
-            if len(fr) != 1:
-                raise InputError(f"--frames {frames!r}: a sinogram input holds one frame; frames need listmode input")
-        dur = src.frame_duration_s
-        frames_obj = _single_frame(src.frame_start_s, dur if math.isfinite(dur) and dur > 0 else 1.0)
-        if not math.isfinite(dur):
-            missing["FrameDuration"] = "no frame duration in the input: taken as 1 s"
+            raise InputError(f"--frames {frames!r}: {src.path} holds sinograms binned in fixed frames; re-framing "
+                             "needs listmode input")
+        frames_obj = src.frames
+        for note in src.notes:
+            if note.startswith("no frame duration"):
+                missing["FrameDuration"] = note
 
     # multiplicative factors, the same for every frame (per-frame scalars go on the data)
     tof = src.tof
     if src.kind == "lors":
-        m = np.ones(src.prompts.shape[:3], np.float32)
+        m = np.ones(src.prompts.shape[1:4], np.float32)
         missing["Normalisation"] = "no normalisation in a STIR Interfile sinogram"
         missing["Attenuation"] = "no attenuation factors in a STIR Interfile sinogram"
     else:
@@ -370,7 +359,7 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
         else:
             missing["Normalisation"] = "no crystal efficiencies or normalisation sinogram in the input"
         if corr is not None and getattr(corr, "mu_map_per_mm", None) is not None:
-            mu = _resample(corr.mu_map_per_mm, corr.mu_map_affine, grid)
+            mu = resample_to_grid(corr.mu_map_per_mm, corr.mu_map_affine, grid)
             m *= np.asarray(to_numpy(attenuation_factors(mu, SinogramProjector(layout, grid, device=device))), np.float32)
             applied["Attenuation"] = "measured μ-map from the input, exp(-P μ)"
         elif src.attenuation is not None:
@@ -381,7 +370,7 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
     m *= np.float32(kappa)
 
     if src.kind == "lors":
-        nv = src.prompts.shape[1]
+        nv = src.prompts.shape[2]
         sets = [np.arange(k, nv, subsets) for k in range(min(subsets, nv))]
         models = [SystemModel(LORProjector(src.lor_start[:, v], src.lor_end[:, v], grid, tof=tof, device=device),
                               None, None, resolution=psf_fwhm_mm, grid=grid) for v in sets]
@@ -430,14 +419,13 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
     bar = tqdm(total=len(frames_obj), desc="frames", unit="frame", disable=not progress or len(frames_obj) == 1, leave=False)
     for k, (fs, fe) in enumerate(frames_obj):
         if decay:
-            d = decay_integral_s(scan_start + fs, scan_start + fe, half_life)
+            d = decay_integral(scan_start + fs, scan_start + fe, decay_constant_per_s(half_life))
         else:
             d = fe - fs
         if dead_time is not None:
             d *= float(dead_time[k])
         if src.kind == "listmode":
-            one = Frames([frames_obj._starts[k]], [frames_obj._ends[k] - frames_obj._starts[k]])
-            h = histogram_listmode(src.reader, layout, frames=one, tof=tof is not None,
+            h = histogram_listmode(src.reader, layout, frames=frames_obj.frame(k), tof=tof is not None,
                                    device="gpu" if getattr(models[0].projector, "device", "cpu") == "gpu" else "cpu",
                                    progress=progress)
             prompts = h.prompts[0]
@@ -446,14 +434,14 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
             st = {"frame": k, "prompts": int(h.num_prompts[0]), "delayeds": int(h.num_delayeds[0]),
                   "outside_layout": [int(v) for v in h.num_outside_layout[0]]}
         else:
-            prompts = np.asarray(src.prompts, np.float32)
+            prompts = np.asarray(src.prompts[k], np.float32)
             additive = None
             if src.delayeds is not None:
-                additive = np.asarray(src.delayeds, np.float32)
+                additive = np.asarray(src.delayeds[k], np.float32)
                 if tof is not None and additive.ndim == prompts.ndim:
                     additive = additive.sum(axis=-1)
             if src.scatter is not None:
-                sc = np.asarray(src.scatter, np.float32)
+                sc = np.asarray(src.scatter[k], np.float32)
                 sc = sc.sum(axis=-1) if tof is not None and sc.ndim == prompts.ndim else sc
                 additive = sc if additive is None else additive + sc
             st = {"frame": k, "prompts": float(np.sum(prompts, dtype=np.float64))}
@@ -461,8 +449,11 @@ def reconstruct(src, out, iterations=3, subsets=8, span=None, max_ring_differenc
             additive = np.repeat(additive[..., None] / tof.num_bins, tof.num_bins, axis=-1)
         if additive is not None and src.kind != "lors":
             additive = additive * (m > 0).reshape(m.shape + (1,) * (additive.ndim - m.ndim))
-        for model, views in zip(models, sets):
-            model.additive = None if additive is None else xp.asarray(additive[:, views] / d, dtype=xp.float32)
+        if rec is not None:
+            rec.set_additive(None if additive is None else additive / np.float32(d))
+        else:  # explicit-LOR models (arc-corrected data): each SystemModel holds its own subset's term
+            for model, views in zip(models, sets):
+                model.additive = None if additive is None else xp.asarray(additive[:, views] / d, dtype=xp.float32)
         net = float(np.sum(prompts, dtype=np.float64)) - (0.0 if additive is None else float(np.sum(additive, dtype=np.float64)))
         level = max(net, 0.01 * float(np.sum(prompts, dtype=np.float64))) / d / total_sens if total_sens > 0 else 1.0
         x0 = np.full(grid.shape, max(level, 1e-12), np.float32)

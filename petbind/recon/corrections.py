@@ -44,6 +44,7 @@ __all__ = [
     "point_source_kappa",
     "radial_bin_mm",
     "randoms_from_singles",
+    "resample_to_grid",
 ]
 
 DEAD_TIME_MODELS = ("non-paralyzable", "paralyzable")
@@ -207,6 +208,33 @@ def point_source_kappa(sensitivity_cps_per_kbq, grid, project_total):
         raise ValueError("no LOR passes through the centre of the image grid; check the grid and the scanner")
     voxel_ml = float(np.prod(grid.voxel_size_mm)) / 1000.0
     return float(sensitivity_cps_per_kbq) * voxel_ml / (1000.0 * total)
+
+
+def resample_to_grid(volume, affine, grid, order=1):
+    """Resample a 3-D image (a μ-map) given on ``affine`` onto ``grid`` (spline ``order``, 0 outside).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (x, y, z)
+    affine : ndarray, shape (4, 4)
+        RAS+ mm affine of ``volume``.
+    grid : ImageGrid
+    order : int
+        Spline order (1: trilinear).
+
+    Returns
+    -------
+    ndarray of float32, shape grid.shape
+    """
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    affine = np.asarray(affine, dtype=float)
+    if volume.shape == tuple(grid.shape) and np.allclose(affine, grid.affine, atol=1e-4):
+        return np.asarray(volume, dtype=np.float32)
+    src = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine)
+    out = resample_from_to(src, (tuple(grid.shape), grid.affine), order=order, mode="constant", cval=0.0)
+    return np.asarray(out.dataobj, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

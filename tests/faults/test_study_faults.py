@@ -27,12 +27,15 @@ SENS = 1.0
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
-    """Two subjects (drug, placebo), baseline and post-dose, on a tiny scanner."""
+    """Two subjects (drug, placebo), baseline and post-dose, on a tiny scanner, as listmode only
+    (the faults of listmode files are the ones tested here)."""
     root = tmp_path_factory.mktemp("faults") / "raw"
     simulate_study(root, StudyConfig(num_subjects=2, scanner=Scanner.cylindrical(160.0, 64, 8, 12.0, name="tiny"),
                                      num_radial=29, max_ring_difference=3, head_offset_mm=(0.0, 0.0, -10.0),
                                      voxel_size_mm=12.0, frame_durations_s=FRAMES_S, sensitivity_cps_per_kbq=SENS,
-                                     quiet=True, device="cpu", seed=5))
+                                     quiet=True, device="cpu", seed=5, write_listmode=True))
+    for p in root.glob("sub-*/ses-*/pet/*_pet-sinograms.h5"):
+        p.unlink()
     return root
 
 
