@@ -81,6 +81,9 @@ def build_parser():
     p.add_argument("--post-session", default=d.post_session)
     p.add_argument("--n-permutations", type=int, default=d.n_permutations,
                    help=f"group x time permutations (default {d.n_permutations})")
+    p.add_argument("--listmode-osem", default=d.listmode_osem, choices=("auto", "always", "never"),
+                   help="listmode input: reconstruct frames from their events (auto: frames with fewer prompts than "
+                        "sinogram bins; default auto)")
     p.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of N worker processes")
     p.add_argument("--scheduler", default=None,
                    help="address of a running dask.distributed scheduler to join (e.g. tcp://host:8786)")
@@ -101,7 +104,7 @@ def options_from_args(args):
         exclude_regions=tuple(args.exclude_regions), groups=tuple(args.groups),
         baseline_session=args.baseline_session, post_session=args.post_session,
         n_permutations=args.n_permutations, tof=not args.no_tof, scatter_fwhm_mm=args.scatter_fwhm_mm,
-        acq=args.acq, run=args.run, workers=args.workers, scheduler=args.scheduler,
+        acq=args.acq, run=args.run, workers=args.workers, scheduler=args.scheduler, listmode_osem=args.listmode_osem,
     )
 
 

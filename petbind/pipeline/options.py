@@ -107,6 +107,11 @@ class PipelineOptions:
         Start a local Dask cluster with this many worker processes.
     scheduler : str or None
         Address of an existing ``dask.distributed`` scheduler to join.
+    listmode_osem : {"auto", "always", "never"}
+        Listmode input: reconstruct a frame from its events instead of its
+        sinogram; ``auto`` does so when the frame has fewer prompts than the
+        layout has bins (the short early frames; crossover in
+        ``benchmarks/listmode_crossover.py``).  Span-1 layouts only.
     """
 
     model: str = "srtm"
@@ -137,6 +142,7 @@ class PipelineOptions:
     run: str | None = None
     workers: int | None = None
     scheduler: str | None = None
+    listmode_osem: str = "auto"
 
     def validate(self):
         """Refuse impossible settings with one line naming the option."""
@@ -173,6 +179,8 @@ class PipelineOptions:
             raise StudyInputError(f"--workers must be >= 1; got {self.workers}")
         if self.workers is not None and self.scheduler is not None:
             raise StudyInputError("--workers starts a local cluster and --scheduler joins one; give only one")
+        if self.listmode_osem not in ("auto", "always", "never"):
+            raise StudyInputError(f"--listmode-osem must be auto, always or never; got {self.listmode_osem!r}")
         if int(self.n_permutations) < 1:
             raise StudyInputError(f"--n-permutations must be >= 1; got {self.n_permutations}")
 
@@ -186,7 +194,7 @@ class PipelineOptions:
         """
         names = {
             "recon": ("iterations", "subsets", "psf_fwhm_mm", "frames", "sensitivity_cps_per_kbq", "num_radial",
-                      "max_ring_difference", "tof", "scatter_fwhm_mm", "acq", "run"),
+                      "max_ring_difference", "tof", "scatter_fwhm_mm", "acq", "run", "listmode_osem"),
             "tacs": ("pvc", "pvc_fwhm_mm", "regions", "exclude_regions", "reference"),
             "fit": ("model", "reference", "weights"),
             "maps": ("model", "reference", "weights", "pvc", "pvc_fwhm_mm", "regions", "exclude_regions"),

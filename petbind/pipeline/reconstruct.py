@@ -224,6 +224,21 @@ class _ListmodeFrames:
         return h.prompts[0], delayeds, int(h.num_prompts[0]), int(h.num_delayeds[0]), \
             [int(v) for v in h.num_outside_layout[0]]
 
+    def prompt_events(self, frames, k):
+        """Detector ids (n, 2) and TOF bins (n,) or None of the frame's prompts inside the layout."""
+        start_ms, end_ms = frames.frame(k).start_ms[0], frames.frame(k).end_ms[0]
+        ids, tofs = [], []
+        for chunk in self.reader.chunks(start_ms, end_ms):
+            keep = np.asarray(chunk.is_prompt, bool)
+            ids.append(np.asarray(chunk.detector_ids)[keep])
+            if self.tof is not None:
+                tofs.append(np.asarray(chunk.tof_bin)[keep])
+        ids = np.concatenate(ids) if ids else np.zeros((0, 2), np.int64)
+        bins = self.layout.bin_indices(ids)
+        inside = bins >= 0
+        tof = np.concatenate(tofs)[inside] if self.tof is not None and tofs else None
+        return ids[inside], tof, bins[inside]
+
 
 class _SinogramFrames:
     """Frame counts read from a multi-frame sinogram file (frames as stored)."""
@@ -240,6 +255,39 @@ class _SinogramFrames:
         if delayeds.ndim > len(self.data.layout.shape):  # randoms are estimated without TOF
             delayeds = delayeds.sum(axis=-1)
         return prompts, delayeds, int(round(float(prompts.sum()))), int(round(float(delayeds.sum()))), [0, 0]
+
+
+def _use_listmode_osem(options, kind, layout, num_prompts, num_bins):
+    """Listmode OSEM for a frame: asked for, or ``auto`` and fewer prompts than sinogram bins (span 1 only)."""
+    if kind != "listmode" or options.listmode_osem == "never":
+        return False
+    if layout.span != 1:  # an event is one crystal pair; a span > 1 bin averages several
+        return False
+    return options.listmode_osem == "always" or num_prompts < num_bins
+
+
+def _listmode_frame(source, frames, k, rec, m0, additive, d, psf, subsets, options, x0):
+    """One frame by listmode OSEM on its prompt events, with the same system model as the sinogram path.
+
+    Each event carries its bin's ``m = κ D n a`` and the expected background
+    of its bin (spread evenly over TOF bins, as in the sinogram path), so the
+    likelihood is the sinogram one; the sensitivity is the sinogram model's
+    ``A^T 1`` (all LORs the scanner could record, non-TOF).
+    """
+    from petbind.recon.osem import ListmodeOSEM
+
+    ids, tof_bins, bins = source.prompt_events(frames, k)
+    if ids.shape[0] == 0:
+        return np.zeros(x0.shape, np.float32)
+    xp = rec.xp
+    sens = sum(s for s in rec.sensitivities()) * np.float32(d)
+    m_events = m0.reshape(-1)[bins] * np.float32(d)
+    nt = additive.reshape(len(m0.reshape(-1)), -1)
+    a_events = nt[bins].sum(axis=1) / nt.shape[1] if source.tof is not None else nt[bins, 0]
+    lm = ListmodeOSEM(source.layout.scanner, rec.grid, ids, xp.asarray(sens), tof_bins=tof_bins, tof=source.tof,
+                      multiplicative=m_events.astype(np.float32), additive=a_events.astype(np.float32),
+                      resolution_fwhm_mm=psf, num_subsets=min(subsets, ids.shape[0]), device=options.device)
+    return lm.reconstruct(options.iterations, x0=xp.asarray(x0), progress=False)
 
 
 def _live_fraction(corr, frames, path):
@@ -371,11 +419,17 @@ def reconstruct_session(session, out_path, options, atlas, regions=None, progres
         # multiplicative updates grow the image by only ~y/a per subset while A x << a, and a few
         # iterations would stop far below the activity of high-count frames.
         level = max(net, 0.01 * float(np.sum(prompts, dtype=np.float64)) / d) / fwd_ones if fwd_ones > 0 else 1.0
-        x = rec.reconstruct(prompts / np.float32(d), options.iterations, x0=np.full(grid.shape, level, np.float32),
-                            progress=False, additive=additive / np.float32(d))
+        x0 = np.full(grid.shape, level, np.float32)
+        if _use_listmode_osem(options, session.kind, layout, n_prompts, prompts.size):
+            x = _listmode_frame(source, frames, k, rec, m0, additive, d, psf, subsets, options, x0)
+            method = "listmode OSEM"
+        else:
+            x = rec.reconstruct(prompts / np.float32(d), options.iterations, x0=x0, progress=False,
+                                additive=additive / np.float32(d))
+            method = "sinogram OSEM"
         images[..., k] = np.asarray(to_numpy(x), dtype=np.float32)
         st = {
-            "frame": k, "prompts": n_prompts, "delayeds": n_delayeds, "outside_layout": outside,
+            "frame": k, "prompts": n_prompts, "delayeds": n_delayeds, "outside_layout": outside, "method": method,
             "decay_integral_s": d, "randoms": r_method, "scatter_fwhm_mm": s_info["fwhm_mm"],
             "scatter_fraction": s_info["scatter_fraction"], "tail_bins": s_info["tail_bins"],
         }
