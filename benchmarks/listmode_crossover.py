@@ -6,8 +6,8 @@ of a uniform cylinder is drawn on the demo scanner, then reconstructed both
 ways with the study defaults (4 iterations x 24 subsets, same system model);
 the table gives seconds per frame, their ratio, and the relative difference
 of the two images' mean inside the cylinder.  ``petbind-study
---listmode-osem auto`` switches at events = bins, the row where the ratio
-crosses 1 on this machine.  Run::
+--listmode-osem auto`` switches below 0.1 events per bin, where the ratio
+crossed 1 on 2 CPU cores (0.1-0.3 events per bin).  Run::
 
     python benchmarks/listmode_crossover.py [--device cpu|gpu] [--repeats 2]
 """

@@ -82,8 +82,8 @@ def build_parser():
     p.add_argument("--n-permutations", type=int, default=d.n_permutations,
                    help=f"group x time permutations (default {d.n_permutations})")
     p.add_argument("--listmode-osem", default=d.listmode_osem, choices=("auto", "always", "never"),
-                   help="listmode input: reconstruct frames from their events (auto: frames with fewer prompts than "
-                        "sinogram bins; default auto)")
+                   help="listmode input: reconstruct frames from their events (auto: frames with fewer than 0.1 "
+                        "prompts per sinogram bin, where it is faster; default auto)")
     p.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of N worker processes")
     p.add_argument("--scheduler", default=None,
                    help="address of a running dask.distributed scheduler to join (e.g. tcp://host:8786)")

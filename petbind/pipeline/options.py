@@ -109,8 +109,8 @@ class PipelineOptions:
         Address of an existing ``dask.distributed`` scheduler to join.
     listmode_osem : {"auto", "always", "never"}
         Listmode input: reconstruct a frame from its events instead of its
-        sinogram; ``auto`` does so when the frame has fewer prompts than the
-        layout has bins (the short early frames; crossover in
+        sinogram; ``auto`` does so for frames with fewer than 0.1 prompts per
+        sinogram bin (the short early frames; the crossover measured by
         ``benchmarks/listmode_crossover.py``).  Span-1 layouts only.
     """
 

@@ -257,13 +257,19 @@ class _SinogramFrames:
         return prompts, delayeds, int(round(float(prompts.sum()))), int(round(float(delayeds.sum()))), [0, 0]
 
 
+#: ``--listmode-osem auto`` reconstructs a frame from its events below this many prompts per sinogram
+#: bin: listmode OSEM costs per event, sinogram OSEM per bin, and benchmarks/listmode_crossover.py
+#: finds the two equal at 0.1-0.3 events per bin on 2 CPU cores (demo layout, 4 x 24).
+LISTMODE_EVENTS_PER_BIN = 0.1
+
+
 def _use_listmode_osem(options, kind, layout, num_prompts, num_bins):
-    """Listmode OSEM for a frame: asked for, or ``auto`` and fewer prompts than sinogram bins (span 1 only)."""
+    """Listmode OSEM for a frame: asked for, or ``auto`` and few prompts per sinogram bin (span 1 only)."""
     if kind != "listmode" or options.listmode_osem == "never":
         return False
     if layout.span != 1:  # an event is one crystal pair; a span > 1 bin averages several
         return False
-    return options.listmode_osem == "always" or num_prompts < num_bins
+    return options.listmode_osem == "always" or num_prompts < LISTMODE_EVENTS_PER_BIN * num_bins
 
 
 def _listmode_frame(source, frames, k, rec, m0, additive, d, psf, subsets, options, x0):
