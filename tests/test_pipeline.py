@@ -154,25 +154,30 @@ def test_listmode_input_gives_the_same_images(tiny, tmp_path):
     shutil.copytree(raw, src)
     for p in src.glob("sub-*/ses-*/pet/*_pet-sinograms.h5"):
         p.unlink()
+    # one session is enough here (and halves the histogramming): no participants.tsv, no group stage
+    shutil.rmtree(src / "sub-01" / "ses-postdose")
+    (src / "participants.tsv").unlink()
     lm_out = tmp_path / "deriv"
     assert study.main(_args(src, lm_out, "--num-radial", "40", "--max-ring-difference", "6",
                             "--listmode-osem", "never")) == 0
-    for ses in ("baseline", "postdose"):
+    for ses in ("baseline",):
         a, side = _recon(lm_out, ses)
         b, _ = _recon(out, ses)
         assert side["Sources"][0].endswith("_pet-listmode.h5")
         np.testing.assert_allclose(a.get_fdata(), b.get_fdata(), rtol=1e-5, atol=1e-5 * b.get_fdata().max())
-    # every frame by listmode OSEM from its events: the same model, other subsets (events, not views), so
-    # the regional means agree to within the difference of two OSEM subset orders, not bit for bit
-    ev_out = tmp_path / "events"
-    assert study.main(_args(src, ev_out, "--num-radial", "40", "--max-ring-difference", "6",
-                            "--listmode-osem", "always", "--regions", *LARGE_REGIONS)) == 0
-    a, side = _recon(ev_out, "baseline")
-    b, _ = _recon(out, "baseline")
+    # frames by listmode OSEM from their events: the same model, other subsets (events, not views), so the
+    # brain means agree to within the difference of two OSEM subset orders, not bit for bit.  Two short
+    # frames keep the event path cheap; the same frames through the sinogram path are the reference.
+    for mode in ("always", "never"):
+        assert study.main(_args(src, tmp_path / mode, "--num-radial", "40", "--max-ring-difference", "6",
+                                "--frames", "300s,60s", "--listmode-osem", mode, "--pvc", "none",
+                                "--regions", *LARGE_REGIONS)) in (0, 1)  # 2 frames are too few for a kinetic fit: the images are what is compared
+    a, side = _recon(tmp_path / "always", "baseline")
+    b, side_b = _recon(tmp_path / "never", "baseline")
     assert {s["method"] for s in side["FrameStatistics"]} == {"listmode OSEM"}
+    assert {s["method"] for s in side_b["FrameStatistics"]} == {"sinogram OSEM"}
     labels = np.asarray(nib.load(str(raw / "sub-01" / "anat" / "sub-01_atlas.nii.gz")).dataobj)
-    late = np.asarray(side["FrameTimesStart"]) >= 300
-    for k in np.flatnonzero(late):
+    for k in range(2):
         ra = a.get_fdata()[..., k][labels > 4].mean()
         rb = b.get_fdata()[..., k][labels > 4].mean()
         assert ra == pytest.approx(rb, rel=0.03), k
