@@ -1,7 +1,7 @@
 """Geometries and checks shared by the CPU projector tests and their GPU twins.
 
 Every check takes the array namespace ``xp`` and a device name, so
-``tests/test_projector.py`` (NumPy, CPU) and ``tests/test_gpu.py`` (CuPy, GPU)
+``tests/recon/test_projector.py`` (NumPy, CPU) and ``tests/recon/test_gpu.py`` (CuPy, GPU)
 run the same assertions.
 """
 

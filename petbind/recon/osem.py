@@ -331,7 +331,7 @@ def sinogram_osem_memory(layout, grid, tof=None, num_subsets=1, multiplicative=T
 
     A model of the arrays the reconstruction keeps on its device and of the
     largest set alive at once, to answer "does this scan fit on this GPU?"
-    without allocating it.  ``tests/test_osem_memory.py`` checks it against
+    without allocating it.  ``tests/recon/test_osem_memory.py`` checks it against
     the allocations counted by the CuPy stand-in.
 
     Parameters

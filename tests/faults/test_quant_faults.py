@@ -258,7 +258,7 @@ def test_output_parent_is_a_file(study, capsys, command):
 
 
 def test_compare_study_out_dir_under_a_file(study, capsys):
-    from tests.test_quant_compare import make_study
+    from tests.quant.test_quant_compare import make_study
 
     make_study(study["tmp"] / "s", np.random.default_rng(1))
     before = snapshot(study["tmp"])

@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_acceptance_script_runs_every_check(cp, capsys):
-    path = os.path.join(HERE, "..", "benchmarks", "gpu_acceptance.py")
+    path = os.path.join(HERE, "..", "..", "benchmarks", "gpu_acceptance.py")
     spec = importlib.util.spec_from_file_location("gpu_acceptance", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -23,7 +23,7 @@ from petbind.pipeline import discover, reconstruct
 from petbind.pipeline.run import run_pipeline
 from petbind.sim.study import StudyConfig, simulate_study
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FRAMES_S = (60.0, 60.0, 120.0, 120.0, 300.0, 300.0, 600.0, 600.0, 900.0)
 #: Large regions used for the checks.
 LARGE_REGIONS = ("frontal_cortex", "temporal_cortex", "parietal_cortex", "occipital_cortex")

@@ -11,7 +11,7 @@ import pytest
 
 from petbind.pipeline.truth import recovery_table, recovery_verdicts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import demo  # noqa: E402
 
