@@ -323,9 +323,12 @@ def test_round_trip_event_for_event(tmp_path, small_generator_file):
         assert [(s, b.value) for s, b in r2.other_blocks] == [(s, b.value) for s, b in r.other_blocks]
         _, ev3 = read_all(out, bulk=False)
         assert ev3.equals(ev)
-        # the bulk encoder (and the one-piece float32 header vectors) write exactly the package's bytes
+        # the bulk encoder (and the one-piece float32 header vectors) write exactly the package's bytes for
+        # the same pieces (a time block cut by a piece boundary is written as two blocks either way; the
+        # generator's file is random, so such a cut happens in some runs)
         ref = tmp_path / "ref.petsird"
-        write_petsird_events(ref, r.header, [ev], r.other_blocks, bulk=False)
+        write_petsird_events(ref, r.header, [ev.select(slice(0, 50)), ev.select(slice(50, None))], r.other_blocks,
+                             bulk=False)
         assert ref.read_bytes() == out.read_bytes()
 
 
